@@ -1,0 +1,556 @@
+//! `saga.v1.CoordinatorService`: the public gRPC API.
+//!
+//! Handlers validate, call the store or the worker, and convert. Each handler
+//! returns [`ApiError`], mapped to a status once (`status.rs`); nothing is
+//! written before every input check has passed.
+
+pub mod convert;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::domain::{
+    check_name, decide, Defaults, Definition, Fact, SagaId, SagaState, ValidationError,
+};
+use crate::participant::check_endpoint;
+use crate::proto;
+use crate::proto::coordinator_service_server::CoordinatorService;
+use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StoreError, StuckRule};
+use crate::worker::Worker;
+pub use status::ApiError;
+
+/// Longest operator note or actor accepted (bytes).
+pub const NOTE_BYTES_MAX: usize = 2_048;
+/// Most attempts of an operator action against a saga that keeps changing.
+const OPERATOR_TRIES_MAX: usize = 5;
+
+/// API settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest accepted input (bytes).
+    pub payload_bytes_max: usize,
+    /// Defaults for definitions.
+    pub defaults: Defaults,
+    /// `WaitSaga` timeout when unset.
+    pub wait_default: Duration,
+    /// Longest `WaitSaga` timeout.
+    pub wait_max: Duration,
+    /// How often a waiter re-reads the saga if no notification arrives.
+    pub wait_recheck: Duration,
+    /// `ListSagas` page size when unset, and its cap.
+    pub page_size_default: u32,
+    /// Largest page.
+    pub page_size_max: u32,
+    /// What "stuck" means.
+    pub stuck: StuckRule,
+    /// Heartbeat TTL when unset.
+    pub heartbeat_ttl_default: Duration,
+}
+
+/// The service.
+pub struct CoordinatorApi {
+    store: Arc<dyn SagaStore>,
+    worker: Arc<Worker>,
+    settled: broadcast::Sender<Uuid>,
+    stop: CancellationToken,
+    cfg: ApiConfig,
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+impl CoordinatorApi {
+    /// A service over `store`, starting sagas on `worker`. `settled` carries
+    /// the ids of sagas that settled (`Uuid::nil()` = re-read everything).
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        worker: Arc<Worker>,
+        settled: broadcast::Sender<Uuid>,
+        stop: CancellationToken,
+        cfg: ApiConfig,
+    ) -> Self {
+        CoordinatorApi {
+            store,
+            worker,
+            settled,
+            stop,
+            cfg,
+        }
+    }
+
+    async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, ApiError> {
+        self.worker
+            .definition(name, version)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("definition {name}@{version} not found")))
+    }
+
+    async fn saga_out(&self, saga: &crate::domain::Saga) -> Result<proto::Saga, ApiError> {
+        let def = self.definition(&saga.definition, saga.version).await?;
+        Ok(convert::saga_out(saga, &def))
+    }
+
+    async fn record(&self, id: SagaId) -> Result<SagaRecord, ApiError> {
+        self.store
+            .saga_get(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("saga {id} not found")))
+    }
+
+    async fn start(
+        &self,
+        r: proto::StartSagaRequest,
+    ) -> Result<proto::StartSagaResponse, ApiError> {
+        check_name("definition", &r.definition, false)?;
+        let id = if r.saga_id.is_empty() {
+            SagaId(Uuid::new_v4())
+        } else {
+            parse_id(&r.saga_id)?
+        };
+        let input = self.json_input("input_json", r.input_json)?;
+        let version = (r.version != 0).then_some(r.version);
+        let (def, _) = self
+            .store
+            .definition_get(&r.definition, version)
+            .await?
+            .ok_or_else(|| match version {
+                Some(v) => ApiError::NotFound(format!("definition {}@{v} not found", r.definition)),
+                None => ApiError::NotFound(format!("definition {} not found", r.definition)),
+            })?;
+        let permit = self.worker.try_reserve();
+        let owner = permit
+            .as_ref()
+            .map(|_| (self.worker.owner(), self.worker.lease_ttl()));
+        let created = self
+            .store
+            .saga_create(NewSaga {
+                id,
+                definition: def.clone(),
+                input: input.clone(),
+                owner,
+            })
+            .await?;
+        match created {
+            Created::New(saga, lease, db_now) => {
+                self.worker.observe_db_now(db_now);
+                let out = convert::saga_out(&saga, &def);
+                if let (Some(lease), Some(permit)) = (lease, permit) {
+                    self.worker.spawn_drive(saga, lease, permit);
+                }
+                Ok(proto::StartSagaResponse {
+                    saga: Some(out),
+                    created: true,
+                })
+            }
+            Created::Existing(existing) => {
+                let same = existing.definition == def.name
+                    && (version.is_none() || existing.version == def.version)
+                    && json_eq(&existing.input, &input);
+                if !same {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "saga {id} already exists with another definition, version or input"
+                    )));
+                }
+                Ok(proto::StartSagaResponse {
+                    saga: Some(self.saga_out(&existing).await?),
+                    created: false,
+                })
+            }
+        }
+    }
+
+    /// Checks a JSON payload: size first (before parsing), then syntax.
+    fn json_input(&self, field: &str, text: String) -> Result<String, ValidationError> {
+        if text.len() > self.cfg.payload_bytes_max {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "is {} bytes; the limit is {}",
+                    text.len(),
+                    self.cfg.payload_bytes_max
+                ),
+            ));
+        }
+        if text.is_empty() {
+            return Ok("null".into());
+        }
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| ValidationError::new(field, format!("not valid JSON: {e}")))?;
+        Ok(text)
+    }
+
+    async fn wait(&self, r: proto::WaitSagaRequest) -> Result<proto::Saga, ApiError> {
+        let id = parse_id(&r.saga_id)?;
+        let timeout = convert::duration_in("timeout", r.timeout.as_ref())?
+            .unwrap_or(self.cfg.wait_default)
+            .min(self.cfg.wait_max);
+        let until = tokio::time::Instant::now() + timeout;
+        // Subscribe before reading, so a change between the read and the
+        // wait is not missed.
+        let mut rx = self.settled.subscribe();
+        loop {
+            let rec = self.record(id).await?;
+            let now = tokio::time::Instant::now();
+            if rec.saga.state.is_settled() || now >= until || self.stop.is_cancelled() {
+                return self.saga_out(&rec.saga).await;
+            }
+            let recheck = until.min(now + self.cfg.wait_recheck);
+            tokio::select! {
+                _ = tokio::time::sleep_until(recheck) => {}
+                _ = next_change(&mut rx, id.0) => {}
+                // Shutting down: answer with the saga as it stands.
+                _ = self.stop.cancelled() => {}
+            }
+        }
+    }
+
+    async fn list(&self, r: proto::ListSagasRequest) -> Result<proto::ListSagasResponse, ApiError> {
+        let states = r
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::saga_state_in(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !r.definition.is_empty() {
+            check_name("definition", &r.definition, false)?;
+        }
+        let limit = match r.page_size {
+            0 => self.cfg.page_size_default,
+            n => n.min(self.cfg.page_size_max),
+        };
+        let query = SagaQuery {
+            states,
+            definition: (!r.definition.is_empty()).then_some(r.definition),
+            stuck: r.stuck_only.then_some(self.cfg.stuck),
+            created_before: None,
+            limit,
+            after: decode_page_token(&r.page_token)?,
+        };
+        let page = self.store.saga_list(&query).await?;
+        let mut sagas = Vec::with_capacity(page.sagas.len());
+        for s in &page.sagas {
+            sagas.push(self.saga_out(s).await?);
+        }
+        Ok(proto::ListSagasResponse {
+            sagas,
+            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
+        })
+    }
+
+    /// Applies an operator fact with optimistic concurrency: read, decide,
+    /// write if nothing changed meanwhile, else read again.
+    async fn operator(
+        &self,
+        id: &str,
+        note: &str,
+        actor: String,
+        kind: OperatorKind,
+    ) -> Result<proto::Saga, ApiError> {
+        let id = parse_id(id)?;
+        if note.len() > NOTE_BYTES_MAX {
+            return Err(ValidationError::new(
+                "note",
+                format!("longer than {NOTE_BYTES_MAX} bytes"),
+            )
+            .into());
+        }
+        if kind == OperatorKind::Resolve && note.trim().is_empty() {
+            return Err(ValidationError::new(
+                "note",
+                "required: say why the saga is resolved by hand",
+            )
+            .into());
+        }
+        for _ in 0..OPERATOR_TRIES_MAX {
+            let rec = self.record(id).await?;
+            let def = self
+                .definition(&rec.saga.definition, rec.saga.version)
+                .await?;
+            let (actor, note) = (actor.clone(), note.to_owned());
+            let fact = match kind {
+                OperatorKind::Retry => Fact::OperatorRetry { actor, note },
+                OperatorKind::Abort => Fact::OperatorAbort { actor, note },
+                OperatorKind::Resolve => Fact::OperatorResolve { actor, note },
+            };
+            let decision = decide(&rec.saga, &def, fact, Utc::now(), rand::random())?;
+            let settled = decision.settled_now(rec.saga.state);
+            // "Retry now" of a saga a coordinator is driving has nothing to
+            // hurry and must not fence out its call in flight.
+            let require_unleased =
+                kind == OperatorKind::Retry && rec.saga.state != SagaState::Suspended;
+            match self
+                .store
+                .saga_operator_save(&rec, &decision, settled, require_unleased)
+                .await
+            {
+                Ok(()) => {
+                    let rec = self.record(id).await?;
+                    return Ok(convert::saga_out(&rec.saga, &def));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Busy) => return Err(ApiError::FailedPrecondition(
+                    "saga is being driven by a coordinator right now: nothing is waiting to retry"
+                        .into(),
+                )),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Aborted(format!(
+            "saga {id} kept changing; try again"
+        )))
+    }
+
+    async fn heartbeat(&self, r: proto::HeartbeatRequest) -> Result<(), ApiError> {
+        check_name("participant", &r.participant, false)?;
+        if r.instance_id.is_empty() || r.instance_id.len() > 128 {
+            return Err(ValidationError::new("instance_id", "must be 1 to 128 bytes").into());
+        }
+        check_endpoint(&r.endpoint).map_err(|e| ValidationError::new("endpoint", e))?;
+        let ttl =
+            convert::duration_in("ttl", r.ttl.as_ref())?.unwrap_or(self.cfg.heartbeat_ttl_default);
+        if ttl < Duration::from_millis(100) || ttl > Duration::from_secs(3_600) {
+            return Err(
+                ValidationError::new("ttl", format!("{ttl:?} is outside 100ms..=1h")).into(),
+            );
+        }
+        self.store
+            .participant_heartbeat(&r.participant, &r.instance_id, &r.endpoint, ttl)
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OperatorKind {
+    Retry,
+    Abort,
+    Resolve,
+}
+
+/// Waits for a notification about `id` (or a resync, or a lagged receiver).
+async fn next_change(rx: &mut broadcast::Receiver<Uuid>, id: Uuid) {
+    loop {
+        match rx.recv().await {
+            Ok(got) if got == id || got.is_nil() => return,
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            // Shutting down: let the re-check timer decide.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+fn parse_id(s: &str) -> Result<SagaId, ValidationError> {
+    Uuid::parse_str(s)
+        .map(SagaId)
+        .map_err(|_| ValidationError::new("saga_id", format!("{s:?} is not a UUID")))
+}
+
+fn json_eq(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn encode_page_token((at, id): (DateTime<Utc>, Uuid)) -> String {
+    let raw = format!("{}:{id}", at.timestamp_micros());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ValidationError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ValidationError::new("page_token", "not a token this server issued");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    let id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(Some((at, id)))
+}
+
+/// Who performs an operator action: the `x-saga-actor` metadata, if any.
+fn actor<T>(r: &Request<T>) -> String {
+    r.metadata()
+        .get("x-saga-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "grpc".into())
+}
+
+#[tonic::async_trait]
+impl CoordinatorService for CoordinatorApi {
+    async fn register_definition(
+        &self,
+        r: Request<proto::RegisterDefinitionRequest>,
+    ) -> Rpc<proto::RegisterDefinitionResponse> {
+        let run = async {
+            let draft = convert::definition_in(r.into_inner().definition)?;
+            let def = draft.validate(&self.cfg.defaults)?;
+            let (def, created) = self.store.definition_register(def).await?;
+            let (_, created_at) = self
+                .store
+                .definition_get(&def.name, Some(def.version))
+                .await?
+                .ok_or_else(|| ApiError::NotFound("definition vanished".into()))?;
+            Ok::<_, ApiError>(proto::RegisterDefinitionResponse {
+                definition: Some(convert::definition_out(&def, Some(created_at))),
+                created,
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    async fn get_definition(
+        &self,
+        r: Request<proto::GetDefinitionRequest>,
+    ) -> Rpc<proto::GetDefinitionResponse> {
+        let r = r.into_inner();
+        let run = async {
+            check_name("name", &r.name, false)?;
+            let version = (r.version != 0).then_some(r.version);
+            let (def, at) = self
+                .store
+                .definition_get(&r.name, version)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "definition {} (version {}) not found",
+                        r.name, r.version
+                    ))
+                })?;
+            Ok::<_, ApiError>(proto::GetDefinitionResponse {
+                definition: Some(convert::definition_out(&def, Some(at))),
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    async fn list_definitions(
+        &self,
+        _r: Request<proto::ListDefinitionsRequest>,
+    ) -> Rpc<proto::ListDefinitionsResponse> {
+        let defs = self.store.definition_list().await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListDefinitionsResponse {
+            definitions: defs
+                .iter()
+                .map(|(d, at)| convert::definition_out(d, Some(*at)))
+                .collect(),
+        }))
+    }
+
+    async fn start_saga(
+        &self,
+        r: Request<proto::StartSagaRequest>,
+    ) -> Rpc<proto::StartSagaResponse> {
+        Ok(Response::new(self.start(r.into_inner()).await?))
+    }
+
+    async fn get_saga(&self, r: Request<proto::GetSagaRequest>) -> Rpc<proto::GetSagaResponse> {
+        let run = async {
+            let rec = self.record(parse_id(&r.get_ref().saga_id)?).await?;
+            Ok::<_, ApiError>(proto::GetSagaResponse {
+                saga: Some(self.saga_out(&rec.saga).await?),
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    async fn wait_saga(&self, r: Request<proto::WaitSagaRequest>) -> Rpc<proto::WaitSagaResponse> {
+        Ok(Response::new(proto::WaitSagaResponse {
+            saga: Some(self.wait(r.into_inner()).await?),
+        }))
+    }
+
+    async fn list_sagas(
+        &self,
+        r: Request<proto::ListSagasRequest>,
+    ) -> Rpc<proto::ListSagasResponse> {
+        Ok(Response::new(self.list(r.into_inner()).await?))
+    }
+
+    async fn get_saga_events(
+        &self,
+        r: Request<proto::GetSagaEventsRequest>,
+    ) -> Rpc<proto::GetSagaEventsResponse> {
+        let run = async {
+            let id = parse_id(&r.get_ref().saga_id)?;
+            self.record(id).await?;
+            let events = self.store.saga_events(id).await?;
+            Ok::<_, ApiError>(proto::GetSagaEventsResponse {
+                events: events.iter().map(convert::event_out).collect(),
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    async fn retry_saga(
+        &self,
+        r: Request<proto::RetrySagaRequest>,
+    ) -> Rpc<proto::RetrySagaResponse> {
+        let who = actor(&r);
+        let r = r.into_inner();
+        let saga = self
+            .operator(&r.saga_id, &r.note, who, OperatorKind::Retry)
+            .await?;
+        Ok(Response::new(proto::RetrySagaResponse { saga: Some(saga) }))
+    }
+
+    async fn abort_saga(
+        &self,
+        r: Request<proto::AbortSagaRequest>,
+    ) -> Rpc<proto::AbortSagaResponse> {
+        let who = actor(&r);
+        let r = r.into_inner();
+        let saga = self
+            .operator(&r.saga_id, &r.note, who, OperatorKind::Abort)
+            .await?;
+        Ok(Response::new(proto::AbortSagaResponse { saga: Some(saga) }))
+    }
+
+    async fn resolve_saga(
+        &self,
+        r: Request<proto::ResolveSagaRequest>,
+    ) -> Rpc<proto::ResolveSagaResponse> {
+        let who = actor(&r);
+        let r = r.into_inner();
+        let saga = self
+            .operator(&r.saga_id, &r.note, who, OperatorKind::Resolve)
+            .await?;
+        Ok(Response::new(proto::ResolveSagaResponse {
+            saga: Some(saga),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        r: Request<proto::HeartbeatRequest>,
+    ) -> Rpc<proto::HeartbeatResponse> {
+        self.heartbeat(r.into_inner()).await?;
+        Ok(Response::new(proto::HeartbeatResponse {}))
+    }
+}

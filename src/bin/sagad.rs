@@ -1,0 +1,19 @@
+//! `sagad`: parse flags, set up logging, run the coordinator.
+
+use clap::Parser;
+use saga_coordinator::{config::Config, server};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let cfg = Config::parse();
+    match server::run(cfg).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sagad: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

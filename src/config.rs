@@ -1,0 +1,147 @@
+//! `sagad`'s settings: flags with environment fallbacks. Limits carry their
+//! unit in their name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The default database: a local PostgreSQL, database `sagad`.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/sagad";
+
+/// Settings of one `sagad` process.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "sagad",
+    version,
+    about = "The saga coordinator: keeps multi-service updates consistent"
+)]
+pub struct Config {
+    /// PostgreSQL URL; the database is created if it does not exist and the
+    /// role may create it.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Address of the gRPC API (CoordinatorService and grpc.health.v1).
+    #[arg(long, env = "SAGAD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the admin HTTP server (/healthz, /readyz).
+    #[arg(long, env = "SAGAD_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+    pub admin_addr: SocketAddr,
+    /// A static participant endpoint, NAME=URL (repeatable; a name may have
+    /// several URLs). Env: comma-separated.
+    #[arg(long = "participant", env = "SAGAD_PARTICIPANTS", value_delimiter = ',', value_parser = parse_participant)]
+    pub participants: Vec<(String, String)>,
+    /// How long a coordinator holds a saga without writing before others may
+    /// take it over.
+    #[arg(long, env = "SAGAD_LEASE_TTL_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub lease_ttl_ms: u64,
+    /// Fallback poll for due work (notifications normally wake the worker).
+    #[arg(long, env = "SAGAD_POLL_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub poll_interval_ms: u64,
+    /// Most sagas claimed by one query.
+    #[arg(long, env = "SAGAD_CLAIM_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub claim_batch_max: u32,
+    /// Most sagas this process drives at once.
+    #[arg(long, env = "SAGAD_SAGAS_MAX", default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sagas_max: u64,
+    /// Largest saga input or step output, in bytes.
+    #[arg(long, env = "SAGAD_PAYLOAD_BYTES_MAX", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=64 << 20))]
+    pub payload_bytes_max: u64,
+    /// How long in-flight calls may finish on shutdown before they are
+    /// abandoned.
+    #[arg(long, env = "SAGAD_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Longest WaitSaga timeout (longer requests are capped).
+    #[arg(long, env = "SAGAD_WAIT_MAX_MS", default_value_t = 300_000)]
+    pub wait_max_ms: u64,
+    /// A saga not settled and without progress for this long is "stuck".
+    #[arg(long, env = "SAGAD_STUCK_AFTER_MS", default_value_t = 300_000)]
+    pub stuck_after_ms: u64,
+    /// A saga whose current step has made this many attempts is "stuck".
+    #[arg(long, env = "SAGAD_STUCK_ATTEMPTS", default_value_t = 5)]
+    pub stuck_attempts: u32,
+    /// Database connections of this process.
+    #[arg(long, env = "SAGAD_DB_CONNECTIONS_MAX", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1_000))]
+    pub db_connections_max: u32,
+    /// How long registered participant endpoints are cached.
+    #[arg(long, env = "SAGAD_DISCOVERY_CACHE_MS", default_value_t = 1_000)]
+    pub discovery_cache_ms: u64,
+}
+
+fn parse_participant(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=URL, e.g. payments=http://127.0.0.1:7001"))?;
+    crate::domain::check_name("participant", name, false).map_err(|e| e.to_string())?;
+    crate::participant::check_endpoint(url).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+impl Config {
+    /// A configuration with every default and the given database, for
+    /// embedding and tests (no flags or environment read).
+    pub fn with_database(database_url: &str) -> Config {
+        let mut c = Config::parse_from(["sagad"]);
+        c.database_url = database_url.to_owned();
+        c
+    }
+
+    /// Static endpoints grouped by participant.
+    pub fn static_participants(&self) -> HashMap<String, Vec<String>> {
+        let mut m: HashMap<String, Vec<String>> = HashMap::new();
+        for (name, url) in &self.participants {
+            m.entry(name.clone()).or_default().push(url.clone());
+        }
+        m
+    }
+
+    /// `lease_ttl_ms` as a duration.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+}
+
+/// The URL with any password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn parses_participants() {
+        let c = Config::try_parse_from([
+            "sagad",
+            "--participant",
+            "pay=http://127.0.0.1:7001",
+            "--participant",
+            "pay=http://127.0.0.1:7002",
+        ]);
+        let c = c.expect("valid flags");
+        assert_eq!(c.static_participants()["pay"].len(), 2);
+        assert!(Config::try_parse_from(["sagad", "--participant", "pay"]).is_err());
+        assert!(Config::try_parse_from(["sagad", "--participant", "pay=ftp://x"]).is_err());
+    }
+}

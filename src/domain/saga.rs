@@ -1,0 +1,258 @@
+//! Saga instances: states, per-step status, and the facts that move them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A saga's id: a UUID, chosen by the caller or by the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SagaId(pub Uuid);
+
+impl std::fmt::Display for SagaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The upper-case name stored in the database and shown to people.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses [`Self::as_str`]'s output.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// Where a saga is in its life.
+    SagaState {
+        /// Going forward.
+        Running = "RUNNING",
+        /// Running compensations in reverse order.
+        Compensating = "COMPENSATING",
+        /// Every step applied.
+        Completed = "COMPLETED",
+        /// Every applied step compensated.
+        Compensated = "COMPENSATED",
+        /// Needs an operator.
+        Suspended = "SUSPENDED",
+        /// Finished by an operator's hand.
+        Resolved = "RESOLVED",
+    }
+}
+
+impl SagaState {
+    /// No transition leaves a terminal state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            SagaState::Completed | SagaState::Compensated | SagaState::Resolved
+        )
+    }
+
+    /// The states `WaitSaga` returns on: terminal, or needing an operator.
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == SagaState::Suspended
+    }
+}
+
+string_enum! {
+    /// Where one step is.
+    StepState {
+        /// Not started, or nothing took effect yet.
+        Pending = "PENDING",
+        /// Invoked and its outcome is not known: it may have taken effect.
+        Running = "RUNNING",
+        /// The action succeeded.
+        Succeeded = "SUCCEEDED",
+        /// The action was refused: it did not take effect.
+        Failed = "FAILED",
+        /// The compensation was tried and has not succeeded yet.
+        Compensating = "COMPENSATING",
+        /// The compensation succeeded.
+        Compensated = "COMPENSATED",
+    }
+}
+
+string_enum! {
+    /// Which handler of a step is invoked.
+    Phase {
+        /// The step's action.
+        Action = "action",
+        /// The step's compensation.
+        Compensation = "compensation",
+    }
+}
+
+/// One step's status inside a saga.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Step {
+    /// State.
+    pub state: StepState,
+    /// Action attempts made, in all.
+    pub attempts: u32,
+    /// Compensation attempts made, in all.
+    pub compensation_attempts: u32,
+    /// Attempts of the current phase made before the last operator retry:
+    /// the retry budget counts from here.
+    pub budget_from: u32,
+    /// Last error, for people.
+    pub last_error: Option<String>,
+    /// The action's output (JSON text).
+    pub output: Option<String>,
+    /// When the next attempt is due, while waiting out a backoff.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+// The enum is declared by `string_enum!`, which cannot carry `#[default]`.
+#[allow(clippy::derivable_impls)]
+impl Default for StepState {
+    fn default() -> Self {
+        StepState::Pending
+    }
+}
+
+/// A saga instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    /// Id.
+    pub id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version it runs on.
+    pub version: u32,
+    /// State.
+    pub state: SagaState,
+    /// For a suspended saga: the state an operator's retry resumes.
+    pub suspended_from: Option<SagaState>,
+    /// Input (JSON text).
+    pub input: String,
+    /// One entry per step of the definition.
+    pub steps: Vec<Step>,
+    /// Why it is compensating, compensated or suspended.
+    pub error: Option<String>,
+    /// When the saga's deadline passes (database clock).
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// When it was started (database clock).
+    pub created_at: DateTime<Utc>,
+    /// When it last changed (database clock).
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Saga {
+    /// A new running saga with every step pending.
+    pub fn new(
+        id: SagaId,
+        definition: &super::Definition,
+        input: String,
+        now: DateTime<Utc>,
+    ) -> Saga {
+        let deadline_at = definition
+            .deadline
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d);
+        Saga {
+            id,
+            definition: definition.name.clone(),
+            version: definition.version,
+            state: SagaState::Running,
+            suspended_from: None,
+            input,
+            steps: vec![Step::default(); definition.steps.len()],
+            error: None,
+            deadline_at,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// What a participant's answer (or the lack of one) means, after the status
+/// code has been classified (see DESIGN.md, "What a participant's answer
+/// means").
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallResult {
+    /// OK, `OUTCOME_SUCCEEDED`, with the output (JSON text, `None` = null).
+    Succeeded(Option<String>),
+    /// OK, `OUTCOME_FAILED`: a business refusal, no effect.
+    Failed(String),
+    /// OK, `OUTCOME_RETRY`: not now, no effect.
+    Retry(String),
+    /// The call went wrong and the outcome is unknown (transport, overload,
+    /// deadline, internal error).
+    Transient(String),
+    /// The call was refused in a way retrying cannot fix (unknown handler,
+    /// wrong contract, auth, a response that breaks the contract).
+    Misconfigured(String),
+}
+
+/// A fact the state machine reacts to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// About to invoke a non-idempotent action: written down first so that a
+    /// crash during the call is known to have an unknown outcome.
+    AttemptStarted {
+        /// Step index.
+        step: usize,
+    },
+    /// A call returned (or failed).
+    Invoked {
+        /// Step index.
+        step: usize,
+        /// Which handler.
+        phase: Phase,
+        /// Attempt number of this phase (1-based).
+        attempt: u32,
+        /// What came back.
+        result: CallResult,
+    },
+    /// A claimed saga has a non-idempotent action in `RUNNING`: the previous
+    /// owner stopped during the call, so its outcome is unknown.
+    Recovered {
+        /// Step index.
+        step: usize,
+    },
+    /// The saga's deadline passed before its pivot.
+    DeadlinePassed,
+    /// Operator: resume a suspended saga, or make a waiting retry happen now.
+    OperatorRetry {
+        /// Who.
+        actor: String,
+        /// Why.
+        note: String,
+    },
+    /// Operator: force compensation (only before the pivot).
+    OperatorAbort {
+        /// Who.
+        actor: String,
+        /// Why.
+        note: String,
+    },
+    /// Operator: mark a suspended saga finished by hand.
+    OperatorResolve {
+        /// Who.
+        actor: String,
+        /// Why (required).
+        note: String,
+    },
+}

@@ -1,0 +1,351 @@
+//! Wiring: one `sagad` process — database, worker, listener, gRPC and admin
+//! servers — under one cancellation token.
+//!
+//! Shutdown, in order (mini-redis style): `stop` is cancelled → the claim
+//! loop ends and every saga task releases its saga at its next step boundary
+//! → the servers stop accepting and finish their requests → after
+//! `shutdown_grace_ms`, calls still in flight are abandoned → every lease
+//! this process still holds is released, so another coordinator continues
+//! at once instead of waiting for expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::api::{ApiConfig, CoordinatorApi};
+use crate::config::{redact_url, Config};
+use crate::domain::Defaults;
+use crate::participant::{CallerConfig, Participants};
+use crate::proto::coordinator_service_server::CoordinatorServiceServer;
+use crate::store::pg::{PgStore, CHANNEL_DUE, CHANNEL_SETTLED, MIGRATOR};
+use crate::store::{OwnerId, SagaStore, StuckRule};
+use crate::worker::{Worker, WorkerConfig};
+
+/// Start-up failures, each one line naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database cannot be reached or created.
+    #[error("cannot connect to database at {url}: {source}")]
+    Database {
+        /// Redacted URL.
+        url: String,
+        /// Cause.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("applying migrations to {url} failed: {source}")]
+    Migrate {
+        /// Redacted URL.
+        url: String,
+        /// Cause.
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A listening address cannot be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Inconsistent settings.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Connects to the database, creating it if it is missing, and applies the
+/// migrations.
+pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
+    let url = &cfg.database_url;
+    let db_err = |source| Error::Database {
+        url: redact_url(url),
+        source,
+    };
+    if !sqlx::Postgres::database_exists(url).await.map_err(db_err)? {
+        tracing::info!(url = %redact_url(url), "database does not exist; creating it");
+        if let Err(e) = sqlx::Postgres::create_database(url).await {
+            // Another process may have created it meanwhile.
+            if !sqlx::Postgres::database_exists(url).await.map_err(db_err)? {
+                return Err(db_err(e));
+            }
+        }
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(cfg.db_connections_max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(db_err)?;
+    MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate {
+        url: redact_url(url),
+        source,
+    })?;
+    Ok(pool)
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// Where the gRPC API listens.
+    pub grpc_addr: std::net::SocketAddr,
+    /// Where the admin HTTP server listens.
+    pub admin_addr: std::net::SocketAddr,
+    /// This process's owner id.
+    pub owner: OwnerId,
+    stop: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Shuts down gracefully and waits until it is done.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until the coordinator has stopped (after `stop` was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Starts every part of a coordinator on an already-migrated pool. The
+/// coordinator stops when `stop` is cancelled.
+pub async fn start(
+    cfg: Config,
+    pool: PgPool,
+    stop: CancellationToken,
+) -> Result<Coordinator, Error> {
+    let store: Arc<dyn SagaStore> = Arc::new(PgStore::new(pool.clone()));
+    let payload_bytes_max = usize::try_from(cfg.payload_bytes_max).unwrap_or(usize::MAX);
+    let participants = Participants::new(
+        CallerConfig {
+            statics: cfg.static_participants(),
+            discovery_cache: Duration::from_millis(cfg.discovery_cache_ms),
+            connect_timeout: Duration::from_secs(2),
+            payload_bytes_max,
+        },
+        store.clone(),
+    )
+    .map_err(Error::Config)?;
+    let owner = OwnerId(Uuid::new_v4());
+    let abandon = CancellationToken::new();
+    let worker = Worker::new(
+        store.clone(),
+        Arc::new(participants),
+        owner,
+        WorkerConfig {
+            lease_ttl: cfg.lease_ttl(),
+            claim_batch_max: cfg.claim_batch_max,
+            sagas_max: usize::try_from(cfg.sagas_max).unwrap_or(usize::MAX),
+            poll_interval: Duration::from_millis(cfg.poll_interval_ms),
+        },
+        stop.clone(),
+        abandon.clone(),
+    );
+    let (settled, _) = broadcast::channel(4_096);
+    let api = CoordinatorApi::new(
+        store.clone(),
+        worker.clone(),
+        settled.clone(),
+        stop.clone(),
+        ApiConfig {
+            payload_bytes_max,
+            defaults: Defaults::default(),
+            wait_default: Duration::from_secs(30),
+            wait_max: Duration::from_millis(cfg.wait_max_ms),
+            wait_recheck: Duration::from_secs(5),
+            page_size_default: 50,
+            page_size_max: 500,
+            stuck: StuckRule {
+                idle_for: Duration::from_millis(cfg.stuck_after_ms),
+                attempts_min: cfg.stuck_attempts,
+            },
+            heartbeat_ttl_default: Duration::from_secs(10),
+        },
+    );
+
+    let grpc_listener = TcpListener::bind(cfg.grpc_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "gRPC",
+            addr: cfg.grpc_addr,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "admin",
+            addr: cfg.admin_addr,
+            source,
+        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
+        what: "gRPC",
+        addr: cfg.grpc_addr,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
+        what: "admin",
+        addr: cfg.admin_addr,
+        source,
+    })?;
+
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CoordinatorServiceServer<CoordinatorApi>>()
+        .await;
+    let max_message = payload_bytes_max.saturating_mul(4).saturating_add(1 << 20);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            CoordinatorServiceServer::new(api)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            stop.clone().cancelled_owned(),
+        );
+    let grpc = tokio::spawn(grpc);
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        pool.clone(),
+        stop.clone(),
+    ));
+    let listener = tokio::spawn(listen(pool.clone(), worker.clone(), settled, stop.clone()));
+    let claimer = tokio::spawn(worker.clone().run_claim_loop());
+    tracing::info!(%grpc_addr, %admin_addr, owner = %owner.0, "sagad started");
+
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let stop2 = stop.clone();
+    let done = tokio::spawn(async move {
+        stop2.cancelled().await;
+        tracing::info!("shutting down: no new work; finishing calls in flight");
+        health
+            .set_not_serving::<CoordinatorServiceServer<CoordinatorApi>>()
+            .await;
+        let _ = claimer.await;
+        worker.tasks().close();
+        if tokio::time::timeout(grace, worker.tasks().wait())
+            .await
+            .is_err()
+        {
+            abandon.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), worker.tasks().wait()).await;
+        }
+        match store.lease_release_all(owner).await {
+            Ok(n) if n > 0 => tracing::info!(released = n, "released leases"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "releasing leases failed; they will expire"),
+        }
+        let _ = tokio::time::timeout(grace, grpc).await;
+        let _ = tokio::time::timeout(grace, admin).await;
+        let _ = listener.await;
+        tracing::info!("sagad stopped");
+    });
+    Ok(Coordinator {
+        grpc_addr,
+        admin_addr,
+        owner,
+        stop,
+        done,
+    })
+}
+
+/// Forwards notifications: settled sagas to `WaitSaga` callers, due work to
+/// the claim loop. After every (re)connect it tells both to re-check, since
+/// notifications sent while disconnected are lost.
+async fn listen(
+    pool: PgPool,
+    worker: Arc<Worker>,
+    settled: broadcast::Sender<Uuid>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::warn!(%error, "notification listener cannot connect; polling meanwhile");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Err(error) = listener.listen_all([CHANNEL_SETTLED, CHANNEL_DUE]).await {
+            tracing::warn!(%error, "LISTEN failed");
+            continue;
+        }
+        let _ = settled.send(Uuid::nil());
+        worker.wake();
+        loop {
+            let n = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = listener.try_recv() => n,
+            };
+            match n {
+                Ok(Some(n)) if n.channel() == CHANNEL_DUE => worker.wake(),
+                Ok(Some(n)) => {
+                    if let Ok(id) = Uuid::parse_str(n.payload()) {
+                        let _ = settled.send(id);
+                    }
+                }
+                Ok(None) => {
+                    // The connection dropped and will be re-established.
+                    let _ = settled.send(Uuid::nil());
+                    worker.wake();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "notification listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a coordinator until SIGTERM or Ctrl-C.
+pub async fn run(cfg: Config) -> Result<(), Error> {
+    let pool = connect(&cfg).await?;
+    let stop = CancellationToken::new();
+    let coordinator = start(cfg, pool, stop.clone()).await?;
+    shutdown_signal().await;
+    stop.cancel();
+    coordinator.stopped().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,240 @@
+//! The storage seam: one trait, one method per query.
+//!
+//! The engine and the API reach storage only through [`SagaStore`], so the saga
+//! logic does not depend on PostgreSQL and a second store (an embedded one for
+//! `sagad dev`) can sit beside [`pg::PgStore`]. Every line of SQL lives in
+//! `store/pg`.
+//!
+//! Writes of a saga's owner are *fenced*: they carry the [`Lease`] (owner and
+//! epoch) that claimed the saga and succeed only while that epoch is current,
+//! so a paused or partitioned coordinator cannot overwrite a newer owner's
+//! progress ([`StoreError::LeaseLost`]).
+
+pub mod pg;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{Decision, Definition, Saga, SagaId, SagaState};
+
+/// Identifies one coordinator process (a fresh UUID per start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerId(pub Uuid);
+
+/// The right to drive one saga, valid while `epoch` is the saga's current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// Who holds it.
+    pub owner: OwnerId,
+    /// The epoch the claim produced.
+    pub epoch: i64,
+    /// When it runs out (database clock).
+    pub until: DateTime<Utc>,
+}
+
+/// A saga as stored, with its concurrency metadata.
+#[derive(Debug, Clone)]
+pub struct SagaRecord {
+    /// The saga.
+    pub saga: Saga,
+    /// Current lease epoch.
+    pub epoch: i64,
+    /// Events written so far (an optimistic-concurrency version).
+    pub event_seq: i64,
+    /// Current owner, if leased.
+    pub owner: Option<OwnerId>,
+    /// Whether a live lease is held right now (database clock).
+    pub leased: bool,
+}
+
+/// A saga just claimed, with the database clock at the claim.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The saga.
+    pub saga: Saga,
+    /// The lease.
+    pub lease: Lease,
+    /// `now()` of the claiming transaction.
+    pub db_now: DateTime<Utc>,
+}
+
+/// A saga to create.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    /// Id.
+    pub id: SagaId,
+    /// Definition it runs on (with its version).
+    pub definition: Definition,
+    /// Input (validated JSON text).
+    pub input: String,
+    /// Take the lease at once (the creating coordinator drives it), or leave
+    /// it due for any coordinator.
+    pub owner: Option<(OwnerId, Duration)>,
+}
+
+/// What `saga_create` found.
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// Inserted; the lease is present when an owner was asked for.
+    New(Saga, Option<Lease>, DateTime<Utc>),
+    /// A saga with that id already exists.
+    Existing(Saga),
+}
+
+/// Filters and paging for `saga_list`.
+#[derive(Debug, Clone, Default)]
+pub struct SagaQuery {
+    /// Empty = any.
+    pub states: Vec<SagaState>,
+    /// `None` = any.
+    pub definition: Option<String>,
+    /// Only stuck sagas (see [`StuckRule`]).
+    pub stuck: Option<StuckRule>,
+    /// Created at or before this time (age filter).
+    pub created_before: Option<DateTime<Utc>>,
+    /// Page size (already clamped).
+    pub limit: u32,
+    /// Keyset cursor: the last row of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+}
+
+/// "Stuck" (DESIGN.md): SUSPENDED, or not settled and no progress for
+/// `idle_for`, or the step in progress has made `attempts_min` attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct StuckRule {
+    /// No progress for this long.
+    pub idle_for: Duration,
+    /// Attempts of the current step at or beyond this.
+    pub attempts_min: u32,
+}
+
+/// One page of sagas.
+#[derive(Debug, Clone)]
+pub struct SagaPage {
+    /// The sagas, newest first.
+    pub sagas: Vec<Saga>,
+    /// Cursor for the next page, if there may be one.
+    pub next: Option<(DateTime<Utc>, Uuid)>,
+}
+
+/// One stored history entry.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// 1-based, per saga.
+    pub seq: i64,
+    /// When (database clock).
+    pub at: DateTime<Utc>,
+    /// Kind (see `domain::event_kind`).
+    pub kind: String,
+    /// Step name.
+    pub step: Option<String>,
+    /// Attempt.
+    pub attempt: u32,
+    /// Detail.
+    pub detail: String,
+}
+
+/// How an owner's write ends the hold on a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Keep the lease, extended by this long from the database's `now()`.
+    Keep(Duration),
+    /// Release it; the saga is due again at this time (`None`: settled).
+    Release(Option<DateTime<Utc>>),
+}
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The lease's epoch is no longer current: someone else drives the saga.
+    #[error("lease lost: another coordinator or an operator took the saga over")]
+    LeaseLost,
+    /// The saga changed since it was read (operator actions).
+    #[error("the saga changed concurrently")]
+    Conflict,
+    /// The saga is being driven right now.
+    #[error("the saga is being driven by a coordinator right now")]
+    Busy,
+    /// Stored data that does not parse.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Every query the coordinator makes.
+#[async_trait]
+pub trait SagaStore: Send + Sync + 'static {
+    /// Stores `def` as the next version unless the latest version has the
+    /// same content; returns the stored definition and whether it was new.
+    async fn definition_register(&self, def: Definition) -> Result<(Definition, bool), StoreError>;
+    /// A definition by name and version (`None` = latest).
+    async fn definition_get(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(Definition, DateTime<Utc>)>, StoreError>;
+    /// Every version of every definition, by name then version.
+    async fn definition_list(&self) -> Result<Vec<(Definition, DateTime<Utc>)>, StoreError>;
+
+    /// Inserts a saga with its `started` event, or finds the existing one.
+    async fn saga_create(&self, new: NewSaga) -> Result<Created, StoreError>;
+    /// One saga.
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, StoreError>;
+    /// A page of sagas, newest first.
+    async fn saga_list(&self, query: &SagaQuery) -> Result<SagaPage, StoreError>;
+    /// A saga's history, oldest first.
+    async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Writes an owner's decision, fenced on the lease's epoch. Returns the
+    /// database's `now()`.
+    async fn saga_save(
+        &self,
+        lease: &Lease,
+        decision: &Decision,
+        settled: bool,
+        hold: Hold,
+    ) -> Result<DateTime<Utc>, StoreError>;
+    /// Writes an operator's decision if the saga is still at (`epoch`,
+    /// `event_seq`); bumps the epoch (fencing out the current owner) and makes
+    /// the saga due now. With `require_unleased`, refuses (`Busy`) while a
+    /// live lease is held.
+    async fn saga_operator_save(
+        &self,
+        seen: &SagaRecord,
+        decision: &Decision,
+        settled: bool,
+        require_unleased: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` due sagas for `owner` for `ttl`.
+    async fn lease_claim_due(
+        &self,
+        owner: OwnerId,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<Vec<Claimed>, StoreError>;
+    /// Extends a lease to `now() + ttl`; returns the new expiry.
+    async fn lease_extend(&self, lease: &Lease, ttl: Duration)
+        -> Result<DateTime<Utc>, StoreError>;
+    /// Gives a saga back, due at once, so another coordinator continues it.
+    async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Gives back every saga `owner` holds (shutdown). Returns how many.
+    async fn lease_release_all(&self, owner: OwnerId) -> Result<u64, StoreError>;
+
+    /// Records that a participant instance is alive for `ttl`.
+    async fn participant_heartbeat(
+        &self,
+        participant: &str,
+        instance_id: &str,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Endpoints of the live instances of a participant.
+    async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError>;
+}

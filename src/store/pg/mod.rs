@@ -1,0 +1,572 @@
+//! PostgreSQL implementation of [`SagaStore`]: every line of SQL the
+//! coordinator runs.
+//!
+//! Habits: the database clock (`now()`) rules every lease and deadline; an
+//! owner's decision is one statement (saga row update + event inserts +
+//! `pg_notify`), so it is one round trip and one commit; claims use
+//! `FOR UPDATE SKIP LOCKED` so coordinators never wait on each other.
+
+mod rows;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaPage, SagaQuery, SagaRecord, SagaStore,
+    StoreError, StoredEvent,
+};
+use crate::domain::{event_kind, Decision, Definition, EventRecord, SagaId};
+use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
+
+/// Notification channel: a saga settled (terminal or suspended).
+pub const CHANNEL_SETTLED: &str = "sagad_settled";
+/// Notification channel: a saga became due for any coordinator.
+pub const CHANNEL_DUE: &str = "sagad_due";
+
+/// The embedded migrations of `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// A store over `pool` (migrations must have been applied).
+    pub fn new(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+
+    /// The pool, for the notification listener.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Event columns as arrays, for `unnest`.
+struct EventArrays {
+    kinds: Vec<&'static str>,
+    steps: Vec<Option<String>>,
+    attempts: Vec<i32>,
+    details: Vec<String>,
+}
+
+fn event_arrays(events: &[EventRecord]) -> EventArrays {
+    EventArrays {
+        kinds: events.iter().map(|e| e.kind).collect(),
+        steps: events.iter().map(|e| e.step.clone()).collect(),
+        attempts: events.iter().map(|e| e.attempt as i32).collect(),
+        details: events.iter().map(|e| e.detail.clone()).collect(),
+    }
+}
+
+#[async_trait]
+impl SagaStore for PgStore {
+    async fn definition_register(&self, def: Definition) -> Result<(Definition, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Serialise registrations of one name so versions stay dense.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('saga_definitions'), hashtext($1))")
+            .bind(&def.name)
+            .execute(&mut *tx)
+            .await?;
+        let latest = sqlx::query(
+            "SELECT version, content, created_at FROM saga_definitions
+             WHERE name = $1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&def.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let next_version = match &latest {
+            Some(row) => {
+                let (existing, _) = decode_definition(row)?;
+                if existing.content_eq(&def) {
+                    return Ok((existing, false));
+                }
+                existing.version + 1
+            }
+            None => 1,
+        };
+        let stored = Definition {
+            version: next_version,
+            ..def
+        };
+        let content =
+            serde_json::to_value(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query("INSERT INTO saga_definitions (name, version, content) VALUES ($1, $2, $3)")
+            .bind(&stored.name)
+            .bind(next_version as i32)
+            .bind(content)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((stored, true))
+    }
+
+    async fn definition_get(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(Definition, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, content, created_at FROM saga_definitions
+             WHERE name = $1 AND ($2::int IS NULL OR version = $2)
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(name)
+        .bind(version.map(|v| v as i32))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode_definition).transpose()
+    }
+
+    async fn definition_list(&self) -> Result<Vec<(Definition, DateTime<Utc>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT version, content, created_at FROM saga_definitions ORDER BY name, version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_definition).collect()
+    }
+
+    async fn saga_create(&self, new: NewSaga) -> Result<Created, StoreError> {
+        let steps = encode_steps(&vec![Default::default(); new.definition.steps.len()])?;
+        let (owner, ttl) = match new.owner {
+            Some((owner, ttl)) => (Some(owner.0), millis(ttl)),
+            None => (None, 0),
+        };
+        let row = sqlx::query(
+            "WITH ins AS (
+                INSERT INTO sagas (saga_id, definition, version, state, input, steps, deadline_at,
+                                   owner, lease_until, next_run_at, lease_epoch, event_seq,
+                                   current_step, current_attempts)
+                VALUES ($1, $2, $3, 'RUNNING', $4, $5,
+                        now() + $6 * interval '1 millisecond',
+                        $7, CASE WHEN $7::uuid IS NULL THEN NULL ELSE now() + $8 * interval '1 millisecond' END,
+                        CASE WHEN $7::uuid IS NULL THEN now() ELSE now() + $8 * interval '1 millisecond' END,
+                        1, 1, 0, 0)
+                ON CONFLICT (saga_id) DO NOTHING
+                RETURNING saga_id, lease_until, created_at, deadline_at
+             ), ev AS (
+                INSERT INTO saga_events (saga_id, seq, kind, detail)
+                SELECT saga_id, 1, $9, $10 FROM ins
+             ), due AS (
+                SELECT pg_notify($11, saga_id::text) FROM ins WHERE $7::uuid IS NULL
+             )
+             SELECT lease_until, created_at, deadline_at, (SELECT count(*) FROM due) AS notified
+             FROM ins",
+        )
+        .bind(new.id.0)
+        .bind(&new.definition.name)
+        .bind(new.definition.version as i32)
+        .bind(&new.input)
+        .bind(steps)
+        .bind(new.definition.deadline.map(millis))
+        .bind(owner)
+        .bind(ttl)
+        .bind(event_kind::STARTED)
+        .bind(format!("{}@{}", new.definition.name, new.definition.version))
+        .bind(CHANNEL_DUE)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            let existing = self.saga_get(new.id).await?;
+            return match existing {
+                Some(rec) => Ok(Created::Existing(rec.saga)),
+                // Inserted and deleted between our two statements: sagas are
+                // never deleted, so this is a conflict worth retrying.
+                None => Err(StoreError::Conflict),
+            };
+        };
+        let created_at: DateTime<Utc> = row.try_get("created_at")?;
+        let mut saga = crate::domain::Saga::new(new.id, &new.definition, new.input, created_at);
+        saga.deadline_at = row.try_get("deadline_at")?;
+        let lease = match (
+            new.owner,
+            row.try_get::<Option<DateTime<Utc>>, _>("lease_until")?,
+        ) {
+            (Some((owner, _)), Some(until)) => Some(Lease {
+                saga_id: new.id,
+                owner,
+                epoch: 1,
+                until,
+            }),
+            _ => None,
+        };
+        Ok(Created::New(saga, lease, created_at))
+    }
+
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {SAGA_COLUMNS}, lease_epoch, event_seq, owner,
+                    (lease_until IS NOT NULL AND lease_until > now()) AS leased
+             FROM sagas s WHERE saga_id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(SagaRecord {
+                saga: decode_saga(&row)?,
+                epoch: row.try_get("lease_epoch")?,
+                event_seq: row.try_get("event_seq")?,
+                owner: row.try_get::<Option<Uuid>, _>("owner")?.map(OwnerId),
+                leased: row.try_get("leased")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn saga_list(&self, q: &SagaQuery) -> Result<SagaPage, StoreError> {
+        let states: Vec<&str> = q.states.iter().map(|s| s.as_str()).collect();
+        let (after_at, after_id) = q.after.unzip();
+        let (idle_ms, attempts_min) = match q.stuck {
+            Some(rule) => (Some(millis(rule.idle_for)), Some(rule.attempts_min as i32)),
+            None => (None, None),
+        };
+        let sql = format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas s
+             WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
+               AND ($2::text IS NULL OR definition = $2)
+               AND ($3::timestamptz IS NULL OR created_at <= $3)
+               AND ($4::timestamptz IS NULL OR (created_at, saga_id) < ($4, $5::uuid))
+               AND ($6::bigint IS NULL
+                    OR state = 'SUSPENDED'
+                    OR (state IN ('RUNNING', 'COMPENSATING')
+                        AND (updated_at < now() - $6 * interval '1 millisecond'
+                             OR current_attempts >= $7)))
+             ORDER BY created_at DESC, saga_id DESC
+             LIMIT $8"
+        );
+        let limit = i64::from(q.limit.max(1));
+        let rows = sqlx::query(&sql)
+            .bind(&states)
+            .bind(q.definition.as_deref())
+            .bind(q.created_before)
+            .bind(after_at)
+            .bind(after_id)
+            .bind(idle_ms)
+            .bind(attempts_min)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut sagas = rows
+            .iter()
+            .map(decode_saga)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if sagas.len() as i64 > limit {
+            sagas.truncate(limit as usize);
+            sagas.last().map(|s| (s.created_at, s.id.0))
+        } else {
+            None
+        };
+        Ok(SagaPage { sagas, next })
+    }
+
+    async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, step, attempt, detail FROM saga_events
+             WHERE saga_id = $1 ORDER BY seq",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    step: r.try_get("step")?,
+                    attempt: r.try_get::<i32, _>("attempt")?.max(0) as u32,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn saga_save(
+        &self,
+        lease: &Lease,
+        d: &Decision,
+        settled: bool,
+        hold: Hold,
+    ) -> Result<DateTime<Utc>, StoreError> {
+        let (release, next_run_at, ttl) = match hold {
+            Hold::Keep(ttl) => (false, None, millis(ttl)),
+            Hold::Release(at) => (true, at, 0),
+        };
+        let steps = encode_steps(&d.saga.steps)?;
+        let ev = event_arrays(&d.events);
+        let (current_step, current_attempts) = current_progress(&d.saga);
+        let row = sqlx::query(
+            "WITH upd AS (
+                UPDATE sagas SET
+                    state = $3, suspended_from = $4, steps = $5, error = $6,
+                    current_step = $7, current_attempts = $8,
+                    updated_at = now(),
+                    event_seq = event_seq + cardinality($11::text[]),
+                    owner = CASE WHEN $9 THEN NULL ELSE owner END,
+                    lease_until = CASE WHEN $9 THEN NULL ELSE now() + $10 * interval '1 millisecond' END,
+                    next_run_at = CASE WHEN $9 THEN $15::timestamptz ELSE now() + $10 * interval '1 millisecond' END
+                WHERE saga_id = $1 AND lease_epoch = $2 AND owner = $16
+                RETURNING saga_id, event_seq - cardinality($11::text[]) AS base
+             ), ev AS (
+                INSERT INTO saga_events (saga_id, seq, kind, step, attempt, detail)
+                SELECT upd.saga_id, upd.base + e.ord, e.kind, e.step, e.attempt, e.detail
+                FROM upd, unnest($11::text[], $12::text[], $13::int[], $14::text[])
+                     WITH ORDINALITY AS e(kind, step, attempt, detail, ord)
+             ), settled AS (
+                SELECT pg_notify($18, saga_id::text) FROM upd WHERE $17
+             ), due AS (
+                SELECT pg_notify($19, saga_id::text) FROM upd WHERE $9 AND $15::timestamptz IS NOT NULL
+             )
+             SELECT (SELECT count(*) FROM upd) AS updated,
+                    (SELECT count(*) FROM settled) + (SELECT count(*) FROM due) AS notified,
+                    now() AS db_now",
+        )
+        .bind(lease.saga_id.0)
+        .bind(lease.epoch)
+        .bind(d.saga.state.as_str())
+        .bind(d.saga.suspended_from.map(|s| s.as_str()))
+        .bind(steps)
+        .bind(d.saga.error.as_deref())
+        .bind(current_step)
+        .bind(current_attempts)
+        .bind(release)
+        .bind(ttl)
+        .bind(&ev.kinds)
+        .bind(&ev.steps)
+        .bind(&ev.attempts)
+        .bind(&ev.details)
+        .bind(next_run_at)
+        .bind(lease.owner.0)
+        .bind(settled)
+        .bind(CHANNEL_SETTLED)
+        .bind(CHANNEL_DUE)
+        .fetch_one(&self.pool)
+        .await?;
+        if row.try_get::<i64, _>("updated")? == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(row.try_get("db_now")?)
+    }
+
+    async fn saga_operator_save(
+        &self,
+        seen: &SagaRecord,
+        d: &Decision,
+        settled: bool,
+        require_unleased: bool,
+    ) -> Result<(), StoreError> {
+        let steps = encode_steps(&d.saga.steps)?;
+        let ev = event_arrays(&d.events);
+        let (current_step, current_attempts) = current_progress(&d.saga);
+        let row = sqlx::query(
+            "WITH upd AS (
+                UPDATE sagas SET
+                    state = $4, suspended_from = $5, steps = $6, error = $7,
+                    current_step = $8, current_attempts = $9,
+                    updated_at = now(),
+                    event_seq = event_seq + cardinality($10::text[]),
+                    lease_epoch = lease_epoch + 1,
+                    owner = NULL, lease_until = NULL,
+                    next_run_at = CASE WHEN $4 IN ('RUNNING', 'COMPENSATING') THEN now() ELSE NULL END
+                WHERE saga_id = $1 AND lease_epoch = $2 AND event_seq = $3
+                  AND NOT ($14 AND lease_until IS NOT NULL AND lease_until > now())
+                RETURNING saga_id, state, event_seq - cardinality($10::text[]) AS base
+             ), ev AS (
+                INSERT INTO saga_events (saga_id, seq, kind, step, attempt, detail)
+                SELECT upd.saga_id, upd.base + e.ord, e.kind, e.step, e.attempt, e.detail
+                FROM upd, unnest($10::text[], $11::text[], $12::int[], $13::text[])
+                     WITH ORDINALITY AS e(kind, step, attempt, detail, ord)
+             ), settled AS (
+                SELECT pg_notify($16, saga_id::text) FROM upd WHERE $15
+             ), due AS (
+                SELECT pg_notify($17, saga_id::text) FROM upd WHERE state IN ('RUNNING', 'COMPENSATING')
+             )
+             SELECT (SELECT count(*) FROM upd) AS updated,
+                    (SELECT count(*) FROM settled) + (SELECT count(*) FROM due) AS notified,
+                    EXISTS (SELECT 1 FROM sagas WHERE saga_id = $1 AND lease_until > now()) AS leased",
+        )
+        .bind(seen.saga.id.0)
+        .bind(seen.epoch)
+        .bind(seen.event_seq)
+        .bind(d.saga.state.as_str())
+        .bind(d.saga.suspended_from.map(|s| s.as_str()))
+        .bind(steps)
+        .bind(d.saga.error.as_deref())
+        .bind(current_step)
+        .bind(current_attempts)
+        .bind(&ev.kinds)
+        .bind(&ev.steps)
+        .bind(&ev.attempts)
+        .bind(&ev.details)
+        .bind(require_unleased)
+        .bind(settled)
+        .bind(CHANNEL_SETTLED)
+        .bind(CHANNEL_DUE)
+        .fetch_one(&self.pool)
+        .await?;
+        if row.try_get::<i64, _>("updated")? == 0 {
+            return Err(if require_unleased && row.try_get::<bool, _>("leased")? {
+                StoreError::Busy
+            } else {
+                StoreError::Conflict
+            });
+        }
+        Ok(())
+    }
+
+    async fn lease_claim_due(
+        &self,
+        owner: OwnerId,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let sql = format!(
+            "WITH due AS (
+                SELECT saga_id FROM sagas
+                WHERE next_run_at <= now()
+                  AND state IN ('RUNNING', 'COMPENSATING')
+                  AND (lease_until IS NULL OR lease_until <= now())
+                ORDER BY next_run_at
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED
+             )
+             UPDATE sagas s SET
+                owner = $1,
+                lease_until = now() + $2 * interval '1 millisecond',
+                next_run_at = now() + $2 * interval '1 millisecond',
+                lease_epoch = s.lease_epoch + 1
+             FROM due WHERE s.saga_id = due.saga_id
+             RETURNING {SAGA_COLUMNS}, s.lease_epoch, s.lease_until, now() AS db_now"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner.0)
+            .bind(millis(ttl))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let saga = decode_saga(row)?;
+                Ok(Claimed {
+                    lease: Lease {
+                        saga_id: saga.id,
+                        owner,
+                        epoch: row.try_get("lease_epoch")?,
+                        until: row.try_get("lease_until")?,
+                    },
+                    db_now: row.try_get("db_now")?,
+                    saga,
+                })
+            })
+            .collect()
+    }
+
+    async fn lease_extend(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<DateTime<Utc>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE sagas SET lease_until = now() + $3 * interval '1 millisecond',
+                              next_run_at = now() + $3 * interval '1 millisecond'
+             WHERE saga_id = $1 AND lease_epoch = $2 AND owner = $4
+             RETURNING lease_until",
+        )
+        .bind(lease.saga_id.0)
+        .bind(lease.epoch)
+        .bind(millis(ttl))
+        .bind(lease.owner.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.try_get("lease_until")?),
+            None => Err(StoreError::LeaseLost),
+        }
+    }
+
+    async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let row = sqlx::query(
+            "WITH upd AS (
+                UPDATE sagas SET owner = NULL, lease_until = NULL, next_run_at = now()
+                WHERE saga_id = $1 AND lease_epoch = $2 AND owner = $3
+                  AND state IN ('RUNNING', 'COMPENSATING')
+                RETURNING saga_id
+             ), due AS (SELECT pg_notify($4, saga_id::text) FROM upd)
+             SELECT (SELECT count(*) FROM upd) AS updated, (SELECT count(*) FROM due) AS notified",
+        )
+        .bind(lease.saga_id.0)
+        .bind(lease.epoch)
+        .bind(lease.owner.0)
+        .bind(CHANNEL_DUE)
+        .fetch_one(&self.pool)
+        .await?;
+        if row.try_get::<i64, _>("updated")? == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn lease_release_all(&self, owner: OwnerId) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "WITH upd AS (
+                UPDATE sagas SET owner = NULL, lease_until = NULL, next_run_at = now()
+                WHERE owner = $1 RETURNING saga_id
+             ), due AS (SELECT pg_notify($2, '') WHERE EXISTS (SELECT 1 FROM upd))
+             SELECT (SELECT count(*) FROM upd) AS released, (SELECT count(*) FROM due) AS notified",
+        )
+        .bind(owner.0)
+        .bind(CHANNEL_DUE)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("released")?.max(0) as u64)
+    }
+
+    async fn participant_heartbeat(
+        &self,
+        participant: &str,
+        instance_id: &str,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO participant_instances (participant, instance_id, endpoint, expires_at)
+             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
+             ON CONFLICT (participant, instance_id) DO UPDATE
+             SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at, updated_at = now()",
+        )
+        .bind(participant)
+        .bind(instance_id)
+        .bind(endpoint)
+        .bind(millis(ttl))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT endpoint FROM participant_instances
+             WHERE participant = $1 AND expires_at > now() ORDER BY endpoint",
+        )
+        .bind(participant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r: &PgRow| r.try_get("endpoint").map_err(StoreError::from))
+            .collect()
+    }
+}

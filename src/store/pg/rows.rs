@@ -1,0 +1,131 @@
+//! Row encoding and decoding: the only place that knows how domain types are
+//! laid out in columns.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::domain::{Definition, Saga, SagaId, SagaState, Step, StepState};
+use crate::store::StoreError;
+
+/// The columns [`decode_saga`] reads, qualified with `s.` (alias `sagas s`).
+pub const SAGA_COLUMNS: &str = "s.saga_id, s.definition, s.version, s.state, s.suspended_from, \
+     s.input, s.steps, s.error, s.deadline_at, s.created_at, s.updated_at";
+
+/// A step as stored inside `sagas.steps`.
+#[derive(Serialize, Deserialize)]
+struct StoredStep {
+    state: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    compensation_attempts: u32,
+    #[serde(default)]
+    budget_from: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<DateTime<Utc>>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// `sagas.steps` from the domain's steps.
+pub fn encode_steps(steps: &[Step]) -> Result<serde_json::Value, StoreError> {
+    let stored: Vec<StoredStep> = steps
+        .iter()
+        .map(|s| StoredStep {
+            state: s.state.as_str().to_owned(),
+            attempts: s.attempts,
+            compensation_attempts: s.compensation_attempts,
+            budget_from: s.budget_from,
+            last_error: s.last_error.clone(),
+            output: s.output.clone(),
+            next_attempt_at: s.next_attempt_at,
+        })
+        .collect();
+    serde_json::to_value(stored).map_err(|e| corrupt("steps", e))
+}
+
+fn decode_steps(value: serde_json::Value) -> Result<Vec<Step>, StoreError> {
+    let stored: Vec<StoredStep> = serde_json::from_value(value).map_err(|e| corrupt("steps", e))?;
+    stored
+        .into_iter()
+        .map(|s| {
+            Ok(Step {
+                state: StepState::parse(&s.state).ok_or_else(|| corrupt("step state", &s.state))?,
+                attempts: s.attempts,
+                compensation_attempts: s.compensation_attempts,
+                budget_from: s.budget_from,
+                last_error: s.last_error,
+                output: s.output,
+                next_attempt_at: s.next_attempt_at,
+            })
+        })
+        .collect()
+}
+
+fn parse_state(s: &str) -> Result<SagaState, StoreError> {
+    SagaState::parse(s).ok_or_else(|| corrupt("saga state", s))
+}
+
+/// A saga from a row holding [`SAGA_COLUMNS`].
+pub fn decode_saga(row: &PgRow) -> Result<Saga, StoreError> {
+    let state: String = row.try_get("state")?;
+    let suspended_from: Option<String> = row.try_get("suspended_from")?;
+    Ok(Saga {
+        id: SagaId(row.try_get::<Uuid, _>("saga_id")?),
+        definition: row.try_get("definition")?,
+        version: row.try_get::<i32, _>("version")?.max(0) as u32,
+        state: parse_state(&state)?,
+        suspended_from: suspended_from.as_deref().map(parse_state).transpose()?,
+        input: row.try_get("input")?,
+        steps: decode_steps(row.try_get("steps")?)?,
+        error: row.try_get("error")?,
+        deadline_at: row.try_get("deadline_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// A definition and its creation time from `(version, content, created_at)`.
+pub fn decode_definition(row: &PgRow) -> Result<(Definition, DateTime<Utc>), StoreError> {
+    let content: serde_json::Value = row.try_get("content")?;
+    let mut def: Definition =
+        serde_json::from_value(content).map_err(|e| corrupt("definition", e))?;
+    def.version = row.try_get::<i32, _>("version")?.max(0) as u32;
+    Ok((def, row.try_get("created_at")?))
+}
+
+/// The denormalised listing columns: the step in progress and the attempts
+/// of its current phase.
+pub fn current_progress(saga: &Saga) -> (Option<i32>, i32) {
+    let at = match saga.state {
+        SagaState::Running => saga
+            .steps
+            .iter()
+            .position(|s| s.state != StepState::Succeeded),
+        SagaState::Compensating => saga.steps.iter().rposition(|s| {
+            matches!(
+                s.state,
+                StepState::Succeeded | StepState::Running | StepState::Compensating
+            )
+        }),
+        SagaState::Suspended => saga.steps.iter().rposition(|s| s.last_error.is_some()),
+        _ => None,
+    };
+    let attempts = at.map_or(0, |i| {
+        let s = &saga.steps[i];
+        match s.state {
+            StepState::Compensating => s.compensation_attempts,
+            _ => s.attempts,
+        }
+    });
+    (at.map(|i| i as i32), attempts.min(i32::MAX as u32) as i32)
+}

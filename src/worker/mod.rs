@@ -1,0 +1,452 @@
+//! The worker: drives sagas under leases.
+//!
+//! ```text
+//!   StartSaga ──(insert, leased to us)──┐
+//!   LISTEN sagad_due / poll / timer ──▶ claim loop ──(FOR UPDATE SKIP LOCKED)──┐
+//!                                                                             ▼
+//!   drive(saga, lease):  plan ─▶ [pre-write] ─▶ call participant ─▶ decide ─▶ save (fenced)
+//!                          ▲                                                   │
+//!                          └───────────────────────────────────────────────────┘
+//!                        until Idle (settled) or Wait (released, due again later)
+//! ```
+//!
+//! A saga is driven by one task holding its lease. Each decision is written
+//! in one statement fenced on the lease's epoch *before* the worker acts on
+//! it; the write also extends the lease, and when the next plan is a wait or
+//! the saga settled, it releases the lease in the same statement. If the
+//! write finds the epoch moved on (`LeaseLost`), another coordinator or an
+//! operator took the saga and this task drops it at once.
+//!
+//! Recovery needs no special code path: a coordinator that dies leaves its
+//! leases to expire; any coordinator then claims the saga and [`plan`]
+//! reads where it stands — a non-idempotent action left `RUNNING` becomes
+//! [`Fact::Recovered`] (outcome unknown), anything else is simply invoked
+//! again with the same idempotency key.
+//!
+//! Shutdown: `stop` ends claiming and makes every task release its saga at
+//! the next step boundary; `abandon` (after the grace period) drops calls in
+//! flight. The server then releases whatever this process still holds.
+
+mod clock;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use clock::DbClock;
+
+use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga};
+use crate::participant::{Invocation, Participants};
+use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
+
+/// Worker limits and timings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// How long a claim or a write holds a saga.
+    pub lease_ttl: Duration,
+    /// Most sagas claimed in one query.
+    pub claim_batch_max: u32,
+    /// Most sagas this process drives at once.
+    pub sagas_max: usize,
+    /// Fallback poll for due work when no notification arrives.
+    pub poll_interval: Duration,
+}
+
+/// The worker's shared state.
+pub struct Worker {
+    store: Arc<dyn SagaStore>,
+    participants: Arc<Participants>,
+    owner: OwnerId,
+    cfg: WorkerConfig,
+    clock: DbClock,
+    definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
+    permits: Arc<Semaphore>,
+    wake: Notify,
+    stop: CancellationToken,
+    abandon: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Worker {
+    /// A worker; nothing runs until [`Worker::run_claim_loop`] or
+    /// [`Worker::drive`] is called.
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        participants: Arc<Participants>,
+        owner: OwnerId,
+        cfg: WorkerConfig,
+        stop: CancellationToken,
+        abandon: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Worker {
+            permits: Arc::new(Semaphore::new(cfg.sagas_max.max(1))),
+            store,
+            participants,
+            owner,
+            cfg,
+            clock: DbClock::default(),
+            definitions: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            stop,
+            abandon,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// This process's owner id.
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    /// The lease duration.
+    pub fn lease_ttl(&self) -> Duration {
+        self.cfg.lease_ttl
+    }
+
+    /// The tasks driving sagas (for shutdown).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Wakes the claim loop (a notification said work is due).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Learns the database clock from a `now()` the database returned.
+    pub fn observe_db_now(&self, db_now: DateTime<Utc>) {
+        self.clock.observe(db_now);
+    }
+
+    /// A slot to drive one more saga, if this process has one free and is
+    /// not stopping.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Drives a saga this process holds the lease of, in its own task.
+    pub fn spawn_drive(self: &Arc<Self>, saga: Saga, lease: Lease, permit: OwnedSemaphorePermit) {
+        let span = tracing::info_span!("saga", saga_id = %saga.id, epoch = lease.epoch);
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                this.drive(saga, lease).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Claims due sagas until `stop`: woken by notifications, local timers
+    /// and, as the guarantee, a poll.
+    pub async fn run_claim_loop(self: Arc<Self>) {
+        loop {
+            self.claim_available().await;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn claim_available(self: &Arc<Self>) {
+        loop {
+            let free = self
+                .permits
+                .available_permits()
+                .min(self.cfg.claim_batch_max as usize);
+            if free == 0 || self.stop.is_cancelled() {
+                return;
+            }
+            let claimed = match self
+                .store
+                .lease_claim_due(self.owner, free as u32, self.cfg.lease_ttl)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming due sagas failed; retrying at the next poll");
+                    return;
+                }
+            };
+            let n = claimed.len();
+            for c in claimed {
+                self.clock.observe(c.db_now);
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(permit) => self.spawn_drive(c.saga, c.lease, permit),
+                    // Cannot happen (we claimed at most `free`), but if it
+                    // did, give the saga back rather than hold it idle.
+                    Err(_) => {
+                        let _ = self.store.lease_release(&c.lease).await;
+                    }
+                }
+            }
+            if n < free {
+                return;
+            }
+        }
+    }
+
+    /// A definition version, cached (versions never change once stored).
+    pub async fn definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<Arc<Definition>>, StoreError> {
+        let key = (name.to_owned(), version);
+        if let Some(d) = lock(&self.definitions).get(&key) {
+            return Ok(Some(d.clone()));
+        }
+        let Some((def, _)) = self.store.definition_get(name, Some(version)).await? else {
+            return Ok(None);
+        };
+        let def = Arc::new(def);
+        lock(&self.definitions).insert(key, def.clone());
+        Ok(Some(def))
+    }
+
+    /// Drives one saga until it settles, waits, or the lease is lost.
+    async fn drive(self: &Arc<Self>, mut saga: Saga, mut lease: Lease) {
+        let def = match self.definition(&saga.definition, saga.version).await {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                tracing::error!("cannot drive saga: its definition is missing");
+                self.release(&lease).await;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot drive saga: definition unavailable");
+                self.release(&lease).await;
+                return;
+            }
+        };
+        loop {
+            let fact = match plan(&saga, &def, self.clock.now()) {
+                // Only right after a claim: every write below that leads
+                // here has already released the lease.
+                Plan::Idle => return self.release(&lease).await,
+                Plan::Wait { until } => {
+                    self.release(&lease).await;
+                    return self.wake_at(until);
+                }
+                Plan::DeadlinePassed => Fact::DeadlinePassed,
+                Plan::Recover { step } => Fact::Recovered { step },
+                Plan::Invoke {
+                    step,
+                    phase,
+                    attempt,
+                    pre_write,
+                } => {
+                    if self.stop.is_cancelled() {
+                        return self.release(&lease).await;
+                    }
+                    if pre_write {
+                        let started = Fact::AttemptStarted { step };
+                        if self.apply(&mut saga, &def, &mut lease, started).await
+                            != Some(Held::Kept)
+                        {
+                            return;
+                        }
+                    }
+                    match self
+                        .invoke(&saga, &def, &mut lease, step, phase, attempt)
+                        .await
+                    {
+                        Some(fact) => fact,
+                        None => return,
+                    }
+                }
+            };
+            // Once a write released the saga, this task must not touch it
+            // again: another claim may already be driving it.
+            match self.apply(&mut saga, &def, &mut lease, fact).await {
+                Some(Held::Kept) => {}
+                Some(Held::Released(Some(until))) => return self.wake_at(until),
+                Some(Held::Released(None)) | None => return,
+            }
+        }
+    }
+
+    /// Calls the participant for one attempt. `None`: stop driving (lease
+    /// lost, or shutdown abandoned the call).
+    async fn invoke(
+        &self,
+        saga: &Saga,
+        def: &Definition,
+        lease: &mut Lease,
+        step: usize,
+        phase: Phase,
+        attempt: u32,
+    ) -> Option<Fact> {
+        let now = self.clock.now();
+        // The saga deadline caps the wait for an action before the pivot;
+        // DeadlinePassed follows at the next plan.
+        let mut timeout = def.steps[step].timeout;
+        if let (Some(d), Phase::Action) = (saga.deadline_at, phase) {
+            if def.pivot().is_none_or(|p| step <= p) {
+                let left = (d - now).to_std().unwrap_or(Duration::ZERO);
+                timeout = timeout.min(left.max(Duration::from_millis(1)));
+            }
+        }
+        if !self.cover_call(lease, timeout).await {
+            return None;
+        }
+        let inv = Invocation {
+            saga,
+            def,
+            step,
+            phase,
+            attempt,
+            timeout,
+            deadline: now + to_chrono(timeout),
+        };
+        let result = tokio::select! {
+            r = self.participants.invoke(inv) => r,
+            _ = self.abandon.cancelled() => {
+                tracing::warn!("shutdown grace period over: abandoning a call in flight");
+                return None;
+            }
+        };
+        tracing::debug!(step, %phase, attempt, ?result, "participant answered");
+        Some(Fact::Invoked {
+            step,
+            phase,
+            attempt,
+            result,
+        })
+    }
+
+    /// Decides and saves one fact. Returns how the write left the lease, or
+    /// `None` when this task must stop driving the saga.
+    async fn apply(
+        &self,
+        saga: &mut Saga,
+        def: &Definition,
+        lease: &mut Lease,
+        fact: Fact,
+    ) -> Option<Held> {
+        let now = self.clock.now();
+        let jitter: f64 = rand::thread_rng().gen();
+        let decision = match decide(saga, def, fact, now, jitter) {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::error!(%error, "state machine refused a fact; releasing the saga");
+                self.release(lease).await;
+                return None;
+            }
+        };
+        let hold = match plan(&decision.saga, def, now) {
+            Plan::Idle => Hold::Release(None),
+            Plan::Wait { until } => Hold::Release(Some(until)),
+            _ if self.stop.is_cancelled() => Hold::Release(Some(now)),
+            _ => Hold::Keep(self.cfg.lease_ttl),
+        };
+        let settled = decision.settled_now(saga.state);
+        match self.store.saga_save(lease, &decision, settled, hold).await {
+            Ok(db_now) => {
+                self.clock.observe(db_now);
+                if let Hold::Keep(ttl) = hold {
+                    lease.until = db_now + to_chrono(ttl);
+                }
+                for e in &decision.events {
+                    tracing::info!(kind = e.kind, step = e.step.as_deref(), attempt = e.attempt, detail = %e.detail, "saga event");
+                }
+                *saga = decision.saga;
+                Some(match hold {
+                    Hold::Keep(_) => Held::Kept,
+                    Hold::Release(at) => Held::Released(at),
+                })
+            }
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!(
+                    "lease lost: another coordinator or an operator took the saga; dropping it"
+                );
+                None
+            }
+            Err(error) => {
+                // The write may or may not have committed: leave the saga to
+                // its lease expiry, then whoever claims it reads the truth.
+                tracing::error!(%error, "saving a decision failed; the lease will expire");
+                None
+            }
+        }
+    }
+
+    /// Makes sure the lease outlives a call of `timeout`.
+    async fn cover_call(&self, lease: &mut Lease, timeout: Duration) -> bool {
+        let margin = self.cfg.lease_ttl / 2;
+        let needed = self.clock.now() + to_chrono(timeout + margin);
+        if lease.until >= needed {
+            return true;
+        }
+        match self
+            .store
+            .lease_extend(lease, (timeout + margin).max(self.cfg.lease_ttl))
+            .await
+        {
+            Ok(until) => {
+                lease.until = until;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not extend the lease before a call; dropping the saga");
+                false
+            }
+        }
+    }
+
+    async fn release(&self, lease: &Lease) {
+        match self.store.lease_release(lease).await {
+            Ok(()) | Err(StoreError::LeaseLost) => {}
+            Err(error) => tracing::warn!(%error, "releasing a lease failed; it will expire"),
+        }
+    }
+
+    /// Wakes the claim loop when a wait ends, if that is sooner than the
+    /// next poll would notice.
+    fn wake_at(self: &Arc<Self>, until: DateTime<Utc>) {
+        let delay = (until - self.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        if delay >= self.cfg.poll_interval {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = this.stop.cancelled() => {}
+                // A little after: the claim compares against the database's
+                // clock, which our estimate may trail by a little.
+                _ = tokio::time::sleep(delay + Duration::from_millis(2)) => this.wake.notify_one(),
+            }
+        });
+    }
+}
+
+/// How a write left the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Still ours: go on.
+    Kept,
+    /// Given back; due again at this time (`None`: settled).
+    Released(Option<DateTime<Utc>>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}

@@ -1,0 +1,232 @@
+//! Crashes and takeovers: a coordinator dies mid-step, another finishes the
+//! saga; a coordinator whose lease was taken over cannot write any more.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use saga_coordinator::proto::{self, SagaState, StepState};
+use tokio::sync::watch;
+
+fn participants(url: &str) -> Vec<(String, String)> {
+    vec![("svc".into(), url.into())]
+}
+
+#[tokio::test]
+async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effects() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    cfg.lease_ttl_ms = 1_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c1 = first.client().await;
+    register(
+        &mut c1,
+        definition(
+            "abc",
+            vec![
+                step("a", "svc", true, true),
+                step("b", "svc", true, true),
+                step("c", "svc", true, true),
+            ],
+        ),
+    )
+    .await;
+    let (gate, gate_rx) = watch::channel(false);
+    svc.script(
+        "b.do",
+        vec![
+            Reply::Block(gate_rx.clone(), r#"{"b":1}"#.into()),
+            Reply::Block(gate_rx, r#"{"b":1}"#.into()),
+        ],
+    );
+    let saga = start(&mut c1, "abc", "{}").await;
+    svc.wait_calls("b.do", 1).await;
+
+    first.crash().await;
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    // The second coordinator claims the saga once the lease expires and
+    // invokes b again with the same key; then b is released.
+    svc.wait_calls("b.do", 2).await;
+    gate.send(true).unwrap();
+    let done = wait(&mut c2, &saga.saga_id).await;
+    assert_eq!(state(&done), SagaState::Completed);
+    let b_calls = svc.calls_to("b.do");
+    assert!(b_calls
+        .iter()
+        .all(|c| c.req.idempotency_key == format!("{}/b/action", saga.saga_id)));
+    assert!(
+        svc.effects().values().all(|n| *n == 1),
+        "no effect happened twice"
+    );
+    assert_eq!(
+        svc.calls_to("a.do").len(),
+        1,
+        "a's recorded success is not redone"
+    );
+    assert_eq!(svc.calls_to("c.do").len(), 1);
+    let k = kinds(&events(&mut c2, &saga.saga_id).await);
+    assert_eq!(
+        k.iter().filter(|k| *k == "step_succeeded").count(),
+        3,
+        "{k:?}"
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_non_idempotent_step_in_flight_at_a_crash_has_an_unknown_outcome() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    cfg.lease_ttl_ms = 1_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c1 = first.client().await;
+    register(
+        &mut c1,
+        definition(
+            "ab",
+            vec![step("a", "svc", true, true), step("b", "svc", true, false)],
+        ),
+    )
+    .await;
+    let (_gate, gate_rx) = watch::channel(false);
+    svc.script("b.do", vec![Reply::Block(gate_rx, "{}".into())]);
+    let saga = start(&mut c1, "ab", "{}").await;
+    svc.wait_calls("b.do", 1).await;
+    first.crash().await;
+
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    let done = wait(&mut c2, &saga.saga_id).await;
+    // b may have taken effect and may not be invoked twice: compensate it.
+    assert_eq!(state(&done), SagaState::Compensated);
+    assert_eq!(
+        svc.calls_to("b.do").len(),
+        1,
+        "a non-idempotent action is never re-invoked"
+    );
+    assert_eq!(
+        svc.handlers()[2..],
+        ["b.undo".to_string(), "a.undo".to_string()]
+    );
+    assert_eq!(
+        step_states(&done),
+        vec![StepState::Compensated, StepState::Compensated]
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_coordinator_whose_lease_was_taken_over_cannot_change_the_saga() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c1 = first.client().await;
+    register(
+        &mut c1,
+        definition(
+            "ab",
+            vec![step("a", "svc", true, true), step("b", "svc", true, true)],
+        ),
+    )
+    .await;
+    let (gate, gate_rx) = watch::channel(false);
+    svc.script(
+        "b.do",
+        vec![
+            Reply::Block(gate_rx, r#""late""#.into()),
+            Reply::Succeed(r#""fresh""#.into()),
+        ],
+    );
+    let saga = start(&mut c1, "ab", "{}").await;
+    svc.wait_calls("b.do", 1).await;
+
+    // The first coordinator stalls (as in a long pause or a partition) past
+    // its lease: simulate the expiry in the database, the clock that rules.
+    let pool = db.pool().await;
+    sqlx::query("UPDATE sagas SET lease_until = now() - interval '1 second', next_run_at = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    let done = wait(&mut c2, &saga.saga_id).await;
+    assert_eq!(state(&done), SagaState::Completed);
+    assert_eq!(done.steps[1].output_json, r#""fresh""#);
+    let events_before = events(&mut c2, &saga.saga_id).await.len();
+
+    // The stalled call returns; the first coordinator tries to save it.
+    // Its graceful shutdown waits for that attempt to end.
+    gate.send(true).unwrap();
+    first.shutdown().await;
+    let after = c2
+        .get_saga(proto::GetSagaRequest {
+            saga_id: saga.saga_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    assert_eq!(
+        after.steps[1].output_json, r#""fresh""#,
+        "the stale owner's result was fenced out"
+    );
+    assert_eq!(events(&mut c2, &saga.saga_id).await.len(), events_before);
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_releases_sagas_for_others_at_once() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    // A lease far longer than the test: only a release lets the second
+    // coordinator continue.
+    cfg.lease_ttl_ms = 600_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c1 = first.client().await;
+    register(
+        &mut c1,
+        definition(
+            "ab",
+            vec![step("a", "svc", true, true), step("b", "svc", true, true)],
+        ),
+    )
+    .await;
+    let (gate, gate_rx) = watch::channel(false);
+    svc.script("a.do", vec![Reply::Block(gate_rx, "{}".into())]);
+    let saga = start(&mut c1, "ab", "{}").await;
+    svc.wait_calls("a.do", 1).await;
+    // Shut down while a's call is in flight; the call finishes within the
+    // grace period, its result is saved, and the saga is released.
+    let stopping = tokio::spawn(first.shutdown());
+    gate.send(true).unwrap();
+    stopping.await.unwrap();
+    assert!(
+        svc.calls_to("b.do").is_empty(),
+        "a stopping coordinator starts no new step"
+    );
+
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    let done = wait(&mut c2, &saga.saga_id).await;
+    assert_eq!(state(&done), SagaState::Completed);
+    assert_eq!(
+        svc.calls_to("a.do").len(),
+        1,
+        "a's result survived the shutdown"
+    );
+    second.shutdown().await;
+}
