@@ -378,11 +378,10 @@ impl Draft<'_> {
                         "step {name:?} refused after the pivot, where steps may not refuse: {err}"
                     ));
                 }
-                step.state = if maybe_applied_before {
-                    StepState::Running
-                } else {
-                    StepState::Failed
-                };
+                // A refusal is authoritative: with the same idempotency key,
+                // a participant whose earlier attempt applied would have
+                // answered that attempt's result instead.
+                step.state = StepState::Failed;
                 self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
                 self.begin_compensation(format!("step {name:?} failed: {err}"));
             }

@@ -13,6 +13,9 @@ pub use definition::*;
 pub use machine::*;
 pub use saga::*;
 
+#[cfg(test)]
+mod tests;
+
 /// Bad input, naming the offending field (e.g. `definition.steps[2].timeout`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
