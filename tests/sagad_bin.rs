@@ -1,0 +1,183 @@
+//! The `sagad` binary itself: start-up errors, database creation, health,
+//! and a clean stop on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor};
+
+fn sagad() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sagad"));
+    c.env_remove("DATABASE_URL").env("RUST_LOG", "info");
+    c
+}
+
+#[test]
+fn an_unreachable_database_is_one_clear_line_naming_it_without_the_password() {
+    let out = sagad()
+        .args([
+            "--database-url",
+            "postgres://someone:s3cret@127.0.0.1:1/nowhere",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot connect to database at postgres://someone:***@127.0.0.1:1/nowhere"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"));
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let out = sagad()
+        .args(["--participant", "payments"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("expected NAME=URL"));
+}
+
+/// Waits up to `limit` for the child to exit, without blocking the runtime
+/// (our own client connections must stay able to close).
+async fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn creates_its_database_serves_health_and_stops_on_sigterm() {
+    let admin = common::admin_url();
+    let name = format!("sagabin_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let mut child = sagad()
+        .args([
+            "--database-url",
+            &url,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let started = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("sagad started") => break line,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("sagad did not start: {e}; stderr: {err}");
+            }
+        }
+    };
+    let field = |key: &str| {
+        started
+            .split(&format!("{key}="))
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (grpc, admin_addr) = (field("grpc_addr"), field("admin_addr"));
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "saga.v1.CoordinatorService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    for (path, want) in [("/healthz", "200"), ("/readyz", "200"), ("/nope", "404")] {
+        let mut s = std::net::TcpStream::connect(&admin_addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {want}")),
+            "{path}: {resp}"
+        );
+    }
+
+    drop(health);
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "sagad did not stop cleanly on SIGTERM: {status:?}"
+    );
+    let lines: Vec<String> = rx.try_iter().collect();
+    let stopped = lines.iter().any(|l| l.contains("sagad stopped"));
+    assert!(stopped, "logs the stop");
+
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    let exists: (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(exists.0, "sagad created its database");
+    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+}

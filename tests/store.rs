@@ -1,0 +1,274 @@
+//! The PostgreSQL store's fencing: epochs only grow, and every write of an
+//! owner whose epoch is no longer current is refused and changes nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use saga_coordinator::domain::{
+    decide, CallResult, DefinitionDraft, Fact, Phase, SagaId, StepDraft,
+};
+use saga_coordinator::store::pg::{PgStore, MIGRATOR};
+use saga_coordinator::store::{Created, Hold, NewSaga, OwnerId, SagaStore, StoreError};
+
+async fn setup() -> (TestDb, PgStore, saga_coordinator::domain::Definition) {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    MIGRATOR.run(&pool).await.unwrap();
+    let store = PgStore::new(pool);
+    let draft = DefinitionDraft {
+        name: "d".into(),
+        steps: vec![
+            StepDraft {
+                name: "a".into(),
+                participant: "p".into(),
+                action: "a".into(),
+                compensation: "u".into(),
+                idempotent: true,
+                ..Default::default()
+            },
+            StepDraft {
+                name: "b".into(),
+                participant: "p".into(),
+                action: "b".into(),
+                compensation: "u".into(),
+                idempotent: true,
+                ..Default::default()
+            },
+        ],
+        deadline: None,
+    };
+    let def = draft.validate(&Default::default()).unwrap();
+    let (def, _) = store.definition_register(def).await.unwrap();
+    (db, store, def)
+}
+
+async fn expire_leases(db: &TestDb) {
+    let pool = db.pool().await;
+    sqlx::query("UPDATE sagas SET lease_until = now() - interval '1 ms', next_run_at = now() - interval '1 ms' WHERE owner IS NOT NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_write_extend_or_release() {
+    let (db, store, def) = setup().await;
+    let id = SagaId(uuid::Uuid::new_v4());
+    let created = store
+        .saga_create(NewSaga {
+            id,
+            definition: def.clone(),
+            input: "{}".into(),
+            owner: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(created, Created::New(_, None, _)));
+    let (a, b) = (OwnerId(uuid::Uuid::new_v4()), OwnerId(uuid::Uuid::new_v4()));
+    let ttl = Duration::from_secs(60);
+
+    let claimed_a = store.lease_claim_due(a, 10, ttl).await.unwrap();
+    assert_eq!(claimed_a.len(), 1);
+    assert!(
+        store.lease_claim_due(b, 10, ttl).await.unwrap().is_empty(),
+        "a live lease is not claimed"
+    );
+    expire_leases(&db).await;
+    let claimed_b = store.lease_claim_due(b, 10, ttl).await.unwrap();
+    assert_eq!(claimed_b.len(), 1);
+    let (la, lb) = (claimed_a[0].lease, claimed_b[0].lease);
+    assert!(lb.epoch > la.epoch, "epochs only grow");
+
+    // A decides on its stale copy: every write is refused.
+    let saga = claimed_a[0].saga.clone();
+    let fact = Fact::Invoked {
+        step: 0,
+        phase: Phase::Action,
+        attempt: 1,
+        result: CallResult::Succeeded(None),
+    };
+    let d = decide(&saga, &def, fact.clone(), claimed_a[0].db_now, 0.0).unwrap();
+    let before = store.saga_get(id).await.unwrap().unwrap();
+    assert!(matches!(
+        store.saga_save(&la, &d, false, Hold::Keep(ttl)).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        store.lease_extend(&la, ttl).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        store.lease_release(&la).await,
+        Err(StoreError::LeaseLost)
+    ));
+    let after = store.saga_get(id).await.unwrap().unwrap();
+    assert_eq!(after.saga, before.saga);
+    assert_eq!(
+        (after.epoch, after.event_seq),
+        (before.epoch, before.event_seq)
+    );
+    assert!(store
+        .saga_events(id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.kind == "started"));
+
+    // B's write goes through.
+    store
+        .saga_save(&lb, &d, false, Hold::Keep(ttl))
+        .await
+        .unwrap();
+    let rec = store.saga_get(id).await.unwrap().unwrap();
+    assert_eq!(rec.event_seq, 2);
+    assert_eq!(store.saga_events(id).await.unwrap().len(), 2);
+
+    // An operator's write fences B out in turn.
+    let op = decide(
+        &rec.saga,
+        &def,
+        Fact::OperatorAbort {
+            actor: "op".into(),
+            note: "x".into(),
+        },
+        rec.saga.updated_at,
+        0.0,
+    )
+    .unwrap();
+    store
+        .saga_operator_save(&rec, &op, false, false)
+        .await
+        .unwrap();
+    let rec2 = store.saga_get(id).await.unwrap().unwrap();
+    assert!(rec2.epoch > lb.epoch);
+    assert!(rec2.owner.is_none());
+    let d2 = decide(
+        &rec.saga,
+        &def,
+        Fact::Invoked {
+            step: 1,
+            phase: Phase::Action,
+            attempt: 1,
+            result: CallResult::Succeeded(None),
+        },
+        rec.saga.updated_at,
+        0.0,
+    )
+    .unwrap();
+    assert!(matches!(
+        store.saga_save(&lb, &d2, true, Hold::Release(None)).await,
+        Err(StoreError::LeaseLost)
+    ));
+    // A second operator write from the same stale read is a conflict.
+    assert!(matches!(
+        store.saga_operator_save(&rec, &op, false, false).await,
+        Err(StoreError::Conflict)
+    ));
+}
+
+#[tokio::test]
+async fn operator_retry_of_a_saga_being_driven_is_busy_and_release_all_is_per_owner() {
+    let (_db, store, def) = setup().await;
+    let (a, b) = (OwnerId(uuid::Uuid::new_v4()), OwnerId(uuid::Uuid::new_v4()));
+    let ttl = Duration::from_secs(60);
+    let ida = SagaId(uuid::Uuid::new_v4());
+    let idb = SagaId(uuid::Uuid::new_v4());
+    store
+        .saga_create(NewSaga {
+            id: ida,
+            definition: def.clone(),
+            input: "1".into(),
+            owner: Some((a, ttl)),
+        })
+        .await
+        .unwrap();
+    store
+        .saga_create(NewSaga {
+            id: idb,
+            definition: def.clone(),
+            input: "2".into(),
+            owner: Some((b, ttl)),
+        })
+        .await
+        .unwrap();
+    let rec = store.saga_get(ida).await.unwrap().unwrap();
+    assert!(rec.leased);
+    let op = decide(
+        &rec.saga,
+        &def,
+        Fact::OperatorRetry {
+            actor: "op".into(),
+            note: String::new(),
+        },
+        rec.saga.updated_at,
+        0.0,
+    )
+    .unwrap();
+    assert!(matches!(
+        store.saga_operator_save(&rec, &op, false, true).await,
+        Err(StoreError::Busy)
+    ));
+
+    assert_eq!(store.lease_release_all(a).await.unwrap(), 1);
+    assert!(!store.saga_get(ida).await.unwrap().unwrap().leased);
+    assert!(
+        store.saga_get(idb).await.unwrap().unwrap().leased,
+        "another owner's lease is untouched"
+    );
+    // Released work is due at once.
+    let claimed = store
+        .lease_claim_due(OwnerId(uuid::Uuid::new_v4()), 10, ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.saga.id).collect::<Vec<_>>(),
+        vec![ida]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_hand_out_the_same_saga() {
+    let (_db, store, def) = setup().await;
+    for i in 0..40 {
+        let id = SagaId(uuid::Uuid::new_v4());
+        store
+            .saga_create(NewSaga {
+                id,
+                definition: def.clone(),
+                input: i.to_string(),
+                owner: None,
+            })
+            .await
+            .unwrap();
+    }
+    let store = std::sync::Arc::new(store);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = OwnerId(uuid::Uuid::new_v4());
+            let mut got = Vec::new();
+            loop {
+                let c = store
+                    .lease_claim_due(owner, 3, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                if c.is_empty() {
+                    return got;
+                }
+                got.extend(c.into_iter().map(|c| c.saga.id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((n, all.len()), (40, 40), "each saga claimed exactly once");
+}
