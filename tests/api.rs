@@ -626,3 +626,74 @@ async fn heartbeats_are_validated() {
     assert_eq!(count(&e.db, "participant_instances").await, 1);
     let _ = &e.coord;
 }
+
+#[tokio::test]
+async fn stuck_means_suspended_or_idle_or_retrying_beyond_a_threshold() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = vec![("svc".into(), url)];
+    cfg.stuck_attempts = 1;
+    let coord = TestCoordinator::start(cfg.clone()).await;
+    let mut c = coord.client().await;
+    let mut s = step("a", "svc", true, true);
+    s.retry = Some(proto::RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Some(ms(1)),
+        multiplier: 1.0,
+        max_backoff: Some(ms(1)),
+    });
+    register(&mut c, definition("d", vec![s])).await;
+    let (_gate, gate_rx) = tokio::sync::watch::channel(false);
+    // Saga x: one failed attempt, then blocked in the second: retrying.
+    svc.script(
+        "a.do",
+        vec![
+            Reply::Status(Code::Unavailable),
+            Reply::Block(gate_rx.clone(), "{}".into()),
+        ],
+    );
+    let x = start(&mut c, "d", "{}").await;
+    svc.wait_calls("a.do", 2).await;
+    // Saga y: blocked in its first attempt: progressing, not stuck.
+    svc.script("a.do", vec![Reply::Block(gate_rx, "{}".into())]);
+    let y = start(&mut c, "d", "{}").await;
+    svc.wait_calls("a.do", 3).await;
+    let stuck = c
+        .list_sagas(proto::ListSagasRequest {
+            stuck_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stuck
+            .sagas
+            .iter()
+            .map(|s| s.saga_id.clone())
+            .collect::<Vec<_>>(),
+        vec![x.saga_id.clone()]
+    );
+    coord.crash().await;
+
+    // With "no progress for 0 ms", every unsettled saga is stuck.
+    cfg.stuck_after_ms = 0;
+    cfg.stuck_attempts = 100;
+    let coord = TestCoordinator::start(cfg).await;
+    let mut c = coord.client().await;
+    let stuck = c
+        .list_sagas(proto::ListSagasRequest {
+            stuck_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids: Vec<_> = stuck.sagas.iter().map(|s| s.saga_id.clone()).collect();
+    ids.sort();
+    let mut want = vec![x.saga_id, y.saga_id];
+    want.sort();
+    assert_eq!(ids, want);
+}

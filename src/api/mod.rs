@@ -279,7 +279,7 @@ impl CoordinatorApi {
                 OperatorKind::Abort => Fact::OperatorAbort { actor, note },
                 OperatorKind::Resolve => Fact::OperatorResolve { actor, note },
             };
-            let decision = decide(&rec.saga, &def, fact, Utc::now(), rand::random())?;
+            let decision = decide(&rec.saga, &def, fact, self.worker.db_now(), rand::random())?;
             let settled = decision.settled_now(rec.saga.state);
             // "Retry now" of a saga a coordinator is driving has nothing to
             // hurry and must not fence out its call in flight.

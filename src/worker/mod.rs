@@ -46,6 +46,9 @@ use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga};
 use crate::participant::{Invocation, Participants};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
 
+/// Waits up to this long get a local timer; longer ones rely on the poll.
+const LOCAL_WAKE_MAX: Duration = Duration::from_secs(60);
+
 /// Worker limits and timings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -118,6 +121,11 @@ impl Worker {
     /// Wakes the claim loop (a notification said work is due).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// The database's time, as this process estimates it.
+    pub fn db_now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     /// Learns the database clock from a `now()` the database returned.
@@ -419,7 +427,9 @@ impl Worker {
         let delay = (until - self.clock.now())
             .to_std()
             .unwrap_or(Duration::ZERO);
-        if delay >= self.cfg.poll_interval {
+        // Long waits are left to the poll (late by at most one interval), so
+        // that idle sagas do not each hold a timer.
+        if delay > LOCAL_WAKE_MAX.max(self.cfg.poll_interval) {
             return;
         }
         let this = self.clone();

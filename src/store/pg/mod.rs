@@ -542,8 +542,14 @@ impl SagaStore for PgStore {
         endpoint: &str,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        // Instances dead for an hour are pruned as their peers announce
+        // themselves, so the table stays small without a sweeper.
         sqlx::query(
-            "INSERT INTO participant_instances (participant, instance_id, endpoint, expires_at)
+            "WITH pruned AS (
+                DELETE FROM participant_instances
+                WHERE participant = $1 AND expires_at < now() - interval '1 hour'
+             )
+             INSERT INTO participant_instances (participant, instance_id, endpoint, expires_at)
              VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
              ON CONFLICT (participant, instance_id) DO UPDATE
              SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at, updated_at = now()",
