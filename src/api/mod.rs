@@ -315,10 +315,15 @@ impl CoordinatorApi {
         check_endpoint(&r.endpoint).map_err(|e| ValidationError::new("endpoint", e))?;
         let ttl =
             convert::duration_in("ttl", r.ttl.as_ref())?.unwrap_or(self.cfg.heartbeat_ttl_default);
-        if ttl < Duration::from_millis(100) || ttl > Duration::from_secs(3_600) {
-            return Err(
-                ValidationError::new("ttl", format!("{ttl:?} is outside 100ms..=1h")).into(),
-            );
+        // An explicit zero withdraws the instance at once (a participant
+        // shutting down); otherwise 100 ms ..= 1 h.
+        if !ttl.is_zero() && (ttl < Duration::from_millis(100) || ttl > Duration::from_secs(3_600))
+        {
+            return Err(ValidationError::new(
+                "ttl",
+                format!("{ttl:?} is outside 100ms..=1h (0 withdraws the instance)"),
+            )
+            .into());
         }
         self.store
             .participant_heartbeat(&r.participant, &r.instance_id, &r.endpoint, ttl)

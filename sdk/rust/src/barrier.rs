@@ -1,0 +1,176 @@
+//! The idempotency barrier (feature `postgres`): exactly-once effects for
+//! handlers whose work is in PostgreSQL.
+//!
+//! [`Barrier::action`] and [`Barrier::compensation`] run the handler's
+//! database work in one transaction together with a barrier record keyed by
+//! the call's `(saga_id, step, phase)`, so that:
+//!
+//! - a duplicate action or compensation (a retry, a redelivery after a
+//!   coordinator crash, two racing calls) has no second effect, and a
+//!   duplicate action returns the first result;
+//! - a compensation whose action never ran succeeds as a no-op and is
+//!   recorded (*null compensation*);
+//! - an action that arrives after its compensation is refused as a business
+//!   failure (no *hanging* reservation that nobody will ever release).
+//!
+//! ```text
+//!  action:        insert action row 'done' ──inserted──▶ run f(tx), store output, commit
+//!                        │ conflict (waits for a racing twin to finish)
+//!                        ├─ 'done'    ─▶ return the stored output (no second effect)
+//!                        └─ 'skipped' ─▶ refused: compensated before it arrived
+//!  compensation:  insert compensation row ──conflict──▶ duplicate: done, no effect
+//!                        │ inserted
+//!                 insert action row 'skipped' ──inserted──▶ null compensation: commit
+//!                        │ conflict: the action ran
+//!                        └─▶ run f(tx), commit
+//! ```
+//!
+//! The table is created by [`Barrier::create_table`] (or apply
+//! [`MIGRATION`] with your own migrations). Your handler's SQL must run on
+//! the connection it is given, so it commits or rolls back with the record.
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::participant::{Phase, StepContext, StepError};
+
+/// The barrier table's DDL (idempotent: `CREATE TABLE IF NOT EXISTS`).
+pub const MIGRATION: &str = include_str!("../migrations/0001_saga_barrier.sql");
+
+impl From<sqlx::Error> for StepError {
+    /// A database error leaves the outcome unknown (the coordinator retries
+    /// idempotent steps, and the barrier makes the retry safe).
+    fn from(e: sqlx::Error) -> Self {
+        StepError::Unknown(format!("database: {e}"))
+    }
+}
+
+/// The barrier over one PostgreSQL pool.
+#[derive(Debug, Clone)]
+pub struct Barrier {
+    pool: PgPool,
+}
+
+impl Barrier {
+    /// A barrier whose records live in `pool`'s database, beside the
+    /// service's own tables.
+    pub fn new(pool: PgPool) -> Self {
+        Barrier { pool }
+    }
+
+    /// Creates the barrier table if it does not exist.
+    pub async fn create_table(&self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(MIGRATION).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Runs an action's database work `f` at most once per saga step.
+    ///
+    /// `f` receives the transaction's connection; what it returns is stored
+    /// and returned again to duplicates. A [`StepError`] from `f` rolls
+    /// everything back.
+    pub async fn action<T, F>(&self, ctx: &StepContext, f: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>>,
+    {
+        if ctx.phase != Phase::Action {
+            return Err(StepError::Contract(
+                "Barrier::action called from a compensation".into(),
+            ));
+        }
+        let saga = ctx.saga_id.to_string();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'action', 'done')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&saga)
+        .bind(&ctx.step)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let row = sqlx::query("SELECT state, output FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
+                .bind(&saga)
+                .bind(&ctx.step)
+                .fetch_one(&mut *tx)
+                .await?;
+            let state: String = row.try_get("state")?;
+            let output: Option<String> = row.try_get("output")?;
+            tx.rollback().await?;
+            if state == "skipped" {
+                return Err(StepError::Refused(format!(
+                    "step {:?} of saga {saga} was compensated before its action arrived",
+                    ctx.step
+                )));
+            }
+            let output = output.unwrap_or_else(|| "null".into());
+            return serde_json::from_str(&output).map_err(|e| {
+                StepError::Contract(format!(
+                    "stored output does not fit the handler's type: {e}"
+                ))
+            });
+        }
+        let value = f(&mut tx).await?;
+        let output = serde_json::to_string(&value)
+            .map_err(|e| StepError::Unknown(format!("serializing the output: {e}")))?;
+        sqlx::query("UPDATE saga_barrier SET output = $3 WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
+            .bind(&saga)
+            .bind(&ctx.step)
+            .bind(&output)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(value)
+    }
+
+    /// Runs a compensation's database work `f` at most once per saga step,
+    /// and only if the action took effect here; otherwise records a null
+    /// compensation and succeeds.
+    pub async fn compensation<F>(&self, ctx: &StepContext, f: F) -> Result<(), StepError>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<(), StepError>>,
+    {
+        if ctx.phase != Phase::Compensation {
+            return Err(StepError::Contract(
+                "Barrier::compensation called from an action".into(),
+            ));
+        }
+        let saga = ctx.saga_id.to_string();
+        let mut tx = self.pool.begin().await?;
+        let first = sqlx::query(
+            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'compensation', 'done')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&saga)
+        .bind(&ctx.step)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if first == 0 {
+            tx.rollback().await?;
+            return Ok(());
+        }
+        // Blocks while a racing action holds its row, then either sees it
+        // (the action ran: compensate it) or plants 'skipped' (it never will).
+        let null = sqlx::query(
+            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'action', 'skipped')
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&saga)
+        .bind(&ctx.step)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if null == 0 {
+            f(&mut tx).await?;
+        } else {
+            tracing::info!(saga_id = %saga, step = %ctx.step, "null compensation: the action never ran here");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

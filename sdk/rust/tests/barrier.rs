@@ -1,0 +1,268 @@
+//! The idempotency barrier against real PostgreSQL: duplicates (also racing
+//! on two connections), null compensation, no hanging.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::FutureExt;
+use saga_sdk::barrier::Barrier;
+use saga_sdk::{Phase, StepContext, StepError};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+fn ctx(saga: uuid::Uuid, step: &str, phase: Phase) -> StepContext {
+    StepContext {
+        saga_id: saga,
+        definition: "d".into(),
+        step: step.into(),
+        phase,
+        handler: "h".into(),
+        attempt: 1,
+        idempotency_key: format!(
+            "{saga}/{step}/{}",
+            if phase == Phase::Action {
+                "action"
+            } else {
+                "compensation"
+            }
+        ),
+        input_json: "null".into(),
+        outputs_json: HashMap::new(),
+        action_output_json: None,
+        deadline: None,
+    }
+}
+
+async fn setup() -> (common::TestDb, PgPool, Barrier) {
+    let db = common::TestDb::new().await;
+    let pool = db.pool().await;
+    let barrier = Barrier::new(pool.clone());
+    barrier.create_table().await.unwrap();
+    barrier.create_table().await.unwrap(); // idempotent
+    sqlx::query("CREATE TABLE ledger (saga_id text, step text, kind text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    (db, pool, barrier)
+}
+
+async fn ledger(pool: &PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ledger WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The handler's own work: one ledger row, and a value to return.
+async fn book(c: &StepContext, barrier: &Barrier, value: u32) -> Result<u32, StepError> {
+    let (saga, step) = (c.saga_id.to_string(), c.step.clone());
+    barrier
+        .action(c, |tx| {
+            async move {
+                sqlx::query("INSERT INTO ledger VALUES ($1, $2, 'booked')")
+                    .bind(saga)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(value)
+            }
+            .boxed()
+        })
+        .await
+}
+
+async fn cancel(c: &StepContext, barrier: &Barrier) -> Result<(), StepError> {
+    let (saga, step) = (c.saga_id.to_string(), c.step.clone());
+    barrier
+        .compensation(c, |tx| {
+            async move {
+                sqlx::query("INSERT INTO ledger VALUES ($1, $2, 'cancelled')")
+                    .bind(saga)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            }
+            .boxed()
+        })
+        .await
+}
+
+/// Waits until some transaction in this database waits on a lock.
+async fn someone_waits_on_a_lock(pool: &PgPool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no transaction blocked on the barrier"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_action_has_no_second_effect_and_returns_the_first_result() {
+    let (_db, pool, barrier) = setup().await;
+    let c = ctx(uuid::Uuid::new_v4(), "hotel", Phase::Action);
+    assert_eq!(book(&c, &barrier, 1).await.unwrap(), 1);
+    assert_eq!(book(&c, &barrier, 2).await.unwrap(), 1, "the first result");
+    assert_eq!(ledger(&pool, "booked").await, 1);
+    // A failing handler leaves nothing behind, so a retry runs it again.
+    let c2 = ctx(uuid::Uuid::new_v4(), "hotel", Phase::Action);
+    let failed = barrier
+        .action(&c2, |_tx| {
+            async { Err::<u32, _>(StepError::retry_later("full")) }.boxed()
+        })
+        .await;
+    assert!(matches!(failed, Err(StepError::RetryLater(_))));
+    assert_eq!(book(&c2, &barrier, 7).await.unwrap(), 7);
+    assert_eq!(ledger(&pool, "booked").await, 2);
+}
+
+#[tokio::test]
+async fn duplicates_racing_on_two_connections_take_effect_once() {
+    let (_db, pool, barrier) = setup().await;
+    let c = ctx(uuid::Uuid::new_v4(), "flight", Phase::Action);
+    let (entered_tx, entered_rx) = oneshot::channel();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (b1, c1) = (barrier.clone(), c.clone());
+    let first = tokio::spawn(async move {
+        let (saga, step) = (c1.saga_id.to_string(), c1.step.clone());
+        b1.action(&c1, |tx| {
+            async move {
+                sqlx::query("INSERT INTO ledger VALUES ($1, $2, 'booked')")
+                    .bind(saga)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?;
+                let _ = entered_tx.send(());
+                let _ = release_rx.await;
+                Ok(10u32)
+            }
+            .boxed()
+        })
+        .await
+    });
+    entered_rx.await.unwrap();
+    let (b2, c2) = (barrier.clone(), c.clone());
+    let second = tokio::spawn(async move { book(&c2, &b2, 20).await });
+    someone_waits_on_a_lock(&pool).await;
+    release_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 10);
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        10,
+        "the duplicate waited and got the first result"
+    );
+    assert_eq!(ledger(&pool, "booked").await, 1);
+}
+
+#[tokio::test]
+async fn a_compensation_without_its_action_is_a_recorded_no_op_and_the_late_action_is_refused() {
+    let (_db, pool, barrier) = setup().await;
+    let saga = uuid::Uuid::new_v4();
+    cancel(&ctx(saga, "hotel", Phase::Compensation), &barrier)
+        .await
+        .unwrap();
+    assert_eq!(ledger(&pool, "cancelled").await, 0, "nothing to undo");
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_barrier WHERE saga_id = $1")
+        .bind(saga.to_string())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded, 2,
+        "the null compensation and the skip marker are recorded"
+    );
+    let late = book(&ctx(saga, "hotel", Phase::Action), &barrier, 1).await;
+    assert!(matches!(late, Err(StepError::Refused(_))), "{late:?}");
+    assert_eq!(ledger(&pool, "booked").await, 0, "no hanging booking");
+    // Compensating again is a no-op too.
+    cancel(&ctx(saga, "hotel", Phase::Compensation), &barrier)
+        .await
+        .unwrap();
+    assert_eq!(ledger(&pool, "cancelled").await, 0);
+}
+
+#[tokio::test]
+async fn a_duplicate_compensation_undoes_once() {
+    let (_db, pool, barrier) = setup().await;
+    let saga = uuid::Uuid::new_v4();
+    book(&ctx(saga, "car", Phase::Action), &barrier, 1)
+        .await
+        .unwrap();
+    cancel(&ctx(saga, "car", Phase::Compensation), &barrier)
+        .await
+        .unwrap();
+    cancel(&ctx(saga, "car", Phase::Compensation), &barrier)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            ledger(&pool, "booked").await,
+            ledger(&pool, "cancelled").await
+        ),
+        (1, 1)
+    );
+    // Wrong phase is a contract error, not an effect.
+    assert!(matches!(
+        book(&ctx(saga, "car", Phase::Compensation), &barrier, 1).await,
+        Err(StepError::Contract(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_compensation_racing_its_action_waits_and_then_undoes_it() {
+    let (_db, pool, barrier) = setup().await;
+    let saga = uuid::Uuid::new_v4();
+    let (entered_tx, entered_rx) = oneshot::channel();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (b1, c1) = (barrier.clone(), ctx(saga, "seat", Phase::Action));
+    let action = tokio::spawn(async move {
+        let (s, step) = (c1.saga_id.to_string(), c1.step.clone());
+        b1.action(&c1, |tx| {
+            async move {
+                sqlx::query("INSERT INTO ledger VALUES ($1, $2, 'booked')")
+                    .bind(s)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?;
+                let _ = entered_tx.send(());
+                let _ = release_rx.await;
+                Ok(1u32)
+            }
+            .boxed()
+        })
+        .await
+    });
+    entered_rx.await.unwrap();
+    let (b2, c2) = (barrier.clone(), ctx(saga, "seat", Phase::Compensation));
+    let compensation = tokio::spawn(async move { cancel(&c2, &b2).await });
+    someone_waits_on_a_lock(&pool).await;
+    release_tx.send(()).unwrap();
+    action.await.unwrap().unwrap();
+    compensation.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            ledger(&pool, "booked").await,
+            ledger(&pool, "cancelled").await
+        ),
+        (1, 1),
+        "the booking is undone"
+    );
+}
