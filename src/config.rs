@@ -28,6 +28,10 @@ pub struct Config {
     /// Address of the admin HTTP server (/healthz, /readyz).
     #[arg(long, env = "SAGAD_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
     pub admin_addr: SocketAddr,
+    /// Token for operator actions (admin page, JSON API, gRPC operator
+    /// RPCs). Required when the admin server listens beyond loopback.
+    #[arg(long, env = "SAGAD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// A static participant endpoint, NAME=URL (repeatable; a name may have
     /// several URLs). Env: comma-separated.
     #[arg(long = "participant", env = "SAGAD_PARTICIPANTS", value_delimiter = ',', value_parser = parse_participant)]

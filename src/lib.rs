@@ -17,6 +17,8 @@ pub mod admin;
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod metrics;
+pub mod ops;
 pub mod participant;
 pub mod server;
 pub mod store;

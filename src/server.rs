@@ -19,9 +19,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::admin::{AdminConfig, AdminState};
 use crate::api::{ApiConfig, CoordinatorApi};
 use crate::config::{redact_url, Config};
 use crate::domain::Defaults;
+use crate::metrics::Metrics;
+use crate::ops::Ops;
 use crate::participant::{CallerConfig, Participants};
 use crate::proto::coordinator_service_server::CoordinatorServiceServer;
 use crate::store::pg::{PgStore, CHANNEL_DUE, CHANNEL_SETTLED, MIGRATOR};
@@ -124,7 +127,20 @@ pub async fn start(
     pool: PgPool,
     stop: CancellationToken,
 ) -> Result<Coordinator, Error> {
+    if !cfg.admin_addr.ip().is_loopback() && cfg.admin_token.is_none() {
+        return Err(Error::Config(format!(
+            "--admin-addr {} is not a loopback address: set --admin-token (SAGAD_ADMIN_TOKEN) so that \
+             operator actions need it",
+            cfg.admin_addr
+        )));
+    }
+    if cfg.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        return Err(Error::Config(
+            "--admin-token must be at least 16 characters".into(),
+        ));
+    }
     let store: Arc<dyn SagaStore> = Arc::new(PgStore::new(pool.clone()));
+    let metrics = Arc::new(Metrics::default());
     let payload_bytes_max = usize::try_from(cfg.payload_bytes_max).unwrap_or(usize::MAX);
     let participants = Participants::new(
         CallerConfig {
@@ -150,11 +166,32 @@ pub async fn start(
         },
         stop.clone(),
         abandon.clone(),
+        metrics.clone(),
+    );
+    let ops = Ops {
+        store: store.clone(),
+        worker: worker.clone(),
+        metrics: metrics.clone(),
+    };
+    let stuck = StuckRule {
+        idle_for: Duration::from_millis(cfg.stuck_after_ms),
+        attempts_min: cfg.stuck_attempts,
+    };
+    let admin_state = AdminState::new(
+        ops.clone(),
+        pool.clone(),
+        metrics.clone(),
+        AdminConfig {
+            token: cfg.admin_token.clone(),
+            stuck,
+            page_size: 50,
+            page_size_max: 500,
+        },
     );
     let (settled, _) = broadcast::channel(4_096);
     let api = CoordinatorApi::new(
-        store.clone(),
-        worker.clone(),
+        ops,
+        metrics,
         settled.clone(),
         stop.clone(),
         ApiConfig {
@@ -165,11 +202,9 @@ pub async fn start(
             wait_recheck: Duration::from_secs(5),
             page_size_default: 50,
             page_size_max: 500,
-            stuck: StuckRule {
-                idle_for: Duration::from_millis(cfg.stuck_after_ms),
-                attempts_min: cfg.stuck_attempts,
-            },
+            stuck,
             heartbeat_ttl_default: Duration::from_secs(10),
+            admin_token: cfg.admin_token.clone(),
         },
     );
 
@@ -217,7 +252,7 @@ pub async fn start(
     let grpc = tokio::spawn(grpc);
     let admin = tokio::spawn(crate::admin::serve(
         admin_listener,
-        pool.clone(),
+        admin_state,
         stop.clone(),
     ));
     let listener = tokio::spawn(listen(pool.clone(), worker.clone(), settled, stop.clone()));

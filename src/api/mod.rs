@@ -17,20 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{
-    check_name, decide, Defaults, Definition, Fact, SagaId, SagaState, ValidationError,
-};
+use crate::domain::{check_name, Defaults, Definition, SagaId, ValidationError};
+use crate::metrics::Metrics;
+use crate::ops::{OperatorKind, Ops};
 use crate::participant::check_endpoint;
 use crate::proto;
 use crate::proto::coordinator_service_server::CoordinatorService;
-use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StoreError, StuckRule};
+use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StuckRule};
 use crate::worker::Worker;
 pub use status::ApiError;
-
-/// Longest operator note or actor accepted (bytes).
-pub const NOTE_BYTES_MAX: usize = 2_048;
-/// Most attempts of an operator action against a saga that keeps changing.
-const OPERATOR_TRIES_MAX: usize = 5;
 
 /// API settings.
 #[derive(Debug, Clone)]
@@ -53,12 +48,16 @@ pub struct ApiConfig {
     pub stuck: StuckRule,
     /// Heartbeat TTL when unset.
     pub heartbeat_ttl_default: Duration,
+    /// When set, operator RPCs need it as a bearer token.
+    pub admin_token: Option<String>,
 }
 
 /// The service.
 pub struct CoordinatorApi {
     store: Arc<dyn SagaStore>,
     worker: Arc<Worker>,
+    ops: Ops,
+    metrics: Arc<Metrics>,
     settled: broadcast::Sender<Uuid>,
     stop: CancellationToken,
     cfg: ApiConfig,
@@ -70,15 +69,17 @@ impl CoordinatorApi {
     /// A service over `store`, starting sagas on `worker`. `settled` carries
     /// the ids of sagas that settled (`Uuid::nil()` = re-read everything).
     pub fn new(
-        store: Arc<dyn SagaStore>,
-        worker: Arc<Worker>,
+        ops: Ops,
+        metrics: Arc<Metrics>,
         settled: broadcast::Sender<Uuid>,
         stop: CancellationToken,
         cfg: ApiConfig,
     ) -> Self {
         CoordinatorApi {
-            store,
-            worker,
+            store: ops.store.clone(),
+            worker: ops.worker.clone(),
+            ops,
+            metrics,
             settled,
             stop,
             cfg,
@@ -86,10 +87,26 @@ impl CoordinatorApi {
     }
 
     async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, ApiError> {
-        self.worker
-            .definition(name, version)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("definition {name}@{version} not found")))
+        self.ops.definition(name, version).await
+    }
+
+    /// With an admin token configured, operator RPCs need
+    /// `authorization: Bearer <token>`.
+    fn check_token<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.cfg.admin_token else {
+            return Ok(());
+        };
+        let given = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match given.and_then(|v| v.strip_prefix("Bearer ")) {
+            None => Err(Status::unauthenticated(
+                "operator actions need the admin token: send metadata authorization: Bearer <token>",
+            )),
+            Some(t) if crate::admin::token_eq(t, token) => Ok(()),
+            Some(_) => Err(Status::permission_denied("the admin token is wrong")),
+        }
     }
 
     async fn saga_out(&self, saga: &crate::domain::Saga) -> Result<proto::Saga, ApiError> {
@@ -98,10 +115,7 @@ impl CoordinatorApi {
     }
 
     async fn record(&self, id: SagaId) -> Result<SagaRecord, ApiError> {
-        self.store
-            .saga_get(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("saga {id} not found")))
+        self.ops.record(id).await
     }
 
     async fn start(
@@ -140,6 +154,7 @@ impl CoordinatorApi {
         match created {
             Created::New(saga, lease, db_now) => {
                 self.worker.observe_db_now(db_now);
+                self.metrics.saga_started();
                 let out = convert::saga_out(&saga, &def);
                 if let (Some(lease), Some(permit)) = (lease, permit) {
                     self.worker.spawn_drive(saga, lease, permit);
@@ -244,8 +259,6 @@ impl CoordinatorApi {
         })
     }
 
-    /// Applies an operator fact with optimistic concurrency: read, decide,
-    /// write if nothing changed meanwhile, else read again.
     async fn operator(
         &self,
         id: &str,
@@ -253,58 +266,8 @@ impl CoordinatorApi {
         actor: String,
         kind: OperatorKind,
     ) -> Result<proto::Saga, ApiError> {
-        let id = parse_id(id)?;
-        if note.len() > NOTE_BYTES_MAX {
-            return Err(ValidationError::new(
-                "note",
-                format!("longer than {NOTE_BYTES_MAX} bytes"),
-            )
-            .into());
-        }
-        if kind == OperatorKind::Resolve && note.trim().is_empty() {
-            return Err(ValidationError::new(
-                "note",
-                "required: say why the saga is resolved by hand",
-            )
-            .into());
-        }
-        for _ in 0..OPERATOR_TRIES_MAX {
-            let rec = self.record(id).await?;
-            let def = self
-                .definition(&rec.saga.definition, rec.saga.version)
-                .await?;
-            let (actor, note) = (actor.clone(), note.to_owned());
-            let fact = match kind {
-                OperatorKind::Retry => Fact::OperatorRetry { actor, note },
-                OperatorKind::Abort => Fact::OperatorAbort { actor, note },
-                OperatorKind::Resolve => Fact::OperatorResolve { actor, note },
-            };
-            let decision = decide(&rec.saga, &def, fact, self.worker.db_now(), rand::random())?;
-            let settled = decision.settled_now(rec.saga.state);
-            // "Retry now" of a saga a coordinator is driving has nothing to
-            // hurry and must not fence out its call in flight.
-            let require_unleased =
-                kind == OperatorKind::Retry && rec.saga.state != SagaState::Suspended;
-            match self
-                .store
-                .saga_operator_save(&rec, &decision, settled, require_unleased)
-                .await
-            {
-                Ok(()) => {
-                    let rec = self.record(id).await?;
-                    return Ok(convert::saga_out(&rec.saga, &def));
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::Busy) => return Err(ApiError::FailedPrecondition(
-                    "saga is being driven by a coordinator right now: nothing is waiting to retry"
-                        .into(),
-                )),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(ApiError::Aborted(format!(
-            "saga {id} kept changing; try again"
-        )))
+        let (saga, def) = self.ops.operator(parse_id(id)?, kind, &actor, note).await?;
+        Ok(convert::saga_out(&saga, &def))
     }
 
     async fn heartbeat(&self, r: proto::HeartbeatRequest) -> Result<(), ApiError> {
@@ -330,13 +293,6 @@ impl CoordinatorApi {
             .await?;
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OperatorKind {
-    Retry,
-    Abort,
-    Resolve,
 }
 
 /// Waits for a notification about `id` (or a resync, or a lagged receiver).
@@ -368,12 +324,14 @@ fn json_eq(a: &str, b: &str) -> bool {
     }
 }
 
-fn encode_page_token((at, id): (DateTime<Utc>, Uuid)) -> String {
+/// An opaque page token for the keyset cursor `(created_at, saga_id)`.
+pub fn encode_page_token((at, id): (DateTime<Utc>, Uuid)) -> String {
     let raw = format!("{}:{id}", at.timestamp_micros());
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
-fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ValidationError> {
+/// Parses [`encode_page_token`]'s output (empty = first page).
+pub fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ValidationError> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -517,6 +475,7 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::RetrySagaRequest>,
     ) -> Rpc<proto::RetrySagaResponse> {
+        self.check_token(&r)?;
         let who = actor(&r);
         let r = r.into_inner();
         let saga = self
@@ -529,6 +488,7 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::AbortSagaRequest>,
     ) -> Rpc<proto::AbortSagaResponse> {
+        self.check_token(&r)?;
         let who = actor(&r);
         let r = r.into_inner();
         let saga = self
@@ -541,6 +501,7 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::ResolveSagaRequest>,
     ) -> Rpc<proto::ResolveSagaResponse> {
+        self.check_token(&r)?;
         let who = actor(&r);
         let r = r.into_inner();
         let saga = self

@@ -187,6 +187,33 @@ impl Saga {
     }
 }
 
+impl Saga {
+    /// The step in progress and the attempts of its current phase: for
+    /// listings and the "stuck" rule.
+    pub fn progress(&self) -> Option<(usize, u32)> {
+        let at = match self.state {
+            SagaState::Running => self
+                .steps
+                .iter()
+                .position(|s| s.state != StepState::Succeeded),
+            SagaState::Compensating => self.steps.iter().rposition(|s| {
+                matches!(
+                    s.state,
+                    StepState::Succeeded | StepState::Running | StepState::Compensating
+                )
+            }),
+            SagaState::Suspended => self.steps.iter().rposition(|s| s.last_error.is_some()),
+            _ => None,
+        }?;
+        let s = &self.steps[at];
+        let attempts = match s.state {
+            StepState::Compensating => s.compensation_attempts,
+            _ => s.attempts,
+        };
+        Some((at, attempts))
+    }
+}
+
 /// What a participant's answer (or the lack of one) means, after the status
 /// code has been classified (see DESIGN.md, "What a participant's answer
 /// means").

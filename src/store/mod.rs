@@ -122,6 +122,15 @@ pub struct SagaPage {
     pub next: Option<(DateTime<Utc>, Uuid)>,
 }
 
+/// Counts by state (see [`SagaStore::saga_counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SagaCounts {
+    /// Per state.
+    pub by_state: Vec<(SagaState, i64)>,
+    /// Stuck sagas.
+    pub stuck: i64,
+}
+
 /// One stored history entry.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -189,6 +198,14 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, StoreError>;
     /// A page of sagas, newest first.
     async fn saga_list(&self, query: &SagaQuery) -> Result<SagaPage, StoreError>;
+    /// Counts for the admin view: exact for RUNNING, COMPENSATING and
+    /// SUSPENDED and for stuck sagas, over the last `window` for the settled
+    /// states (all through indexes).
+    async fn saga_counts(
+        &self,
+        stuck: StuckRule,
+        window: Duration,
+    ) -> Result<SagaCounts, StoreError>;
     /// A saga's history, oldest first.
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError>;
     /// Writes an owner's decision, fenced on the lease's epoch. Returns the

@@ -43,6 +43,7 @@ use tracing::Instrument;
 pub use clock::DbClock;
 
 use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga};
+use crate::metrics::Metrics;
 use crate::participant::{Invocation, Participants};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
 
@@ -70,6 +71,7 @@ pub struct Worker {
     cfg: WorkerConfig,
     clock: DbClock,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
+    metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     wake: Notify,
     stop: CancellationToken,
@@ -87,8 +89,10 @@ impl Worker {
         cfg: WorkerConfig,
         stop: CancellationToken,
         abandon: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Worker {
+            metrics,
             permits: Arc::new(Semaphore::new(cfg.sagas_max.max(1))),
             store,
             participants,
@@ -319,6 +323,7 @@ impl Worker {
             timeout,
             deadline: now + to_chrono(timeout),
         };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = self.participants.invoke(inv) => r,
             _ = self.abandon.cancelled() => {
@@ -327,6 +332,12 @@ impl Worker {
             }
         };
         tracing::debug!(step, %phase, attempt, ?result, "participant answered");
+        self.metrics.step_attempt(
+            &def.steps[step].participant,
+            phase,
+            &result,
+            started.elapsed(),
+        );
         Some(Fact::Invoked {
             step,
             phase,
@@ -364,6 +375,9 @@ impl Worker {
         match self.store.saga_save(lease, &decision, settled, hold).await {
             Ok(db_now) => {
                 self.clock.observe(db_now);
+                if settled {
+                    self.metrics.saga_settled(decision.saga.state);
+                }
                 if let Hold::Keep(ttl) = hold {
                     lease.until = db_now + to_chrono(ttl);
                 }

@@ -17,8 +17,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaPage, SagaQuery, SagaRecord, SagaStore,
-    StoreError, StoredEvent,
+    Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaCounts, SagaPage, SagaQuery, SagaRecord,
+    SagaStore, StoreError, StoredEvent, StuckRule,
 };
 use crate::domain::{event_kind, Decision, Definition, EventRecord, SagaId};
 use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
@@ -27,6 +27,40 @@ use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_
 pub const CHANNEL_SETTLED: &str = "sagad_settled";
 /// Notification channel: a saga became due for any coordinator.
 pub const CHANNEL_DUE: &str = "sagad_due";
+
+/// `saga_counts`: exact counts of the unsettled states through the state
+/// index, settled states over a recent window through (state, created_at).
+/// Public for the query-plan test.
+pub const SAGA_COUNTS_SQL: &str = "
+    SELECT state, count(*) AS n FROM sagas
+    WHERE state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED') GROUP BY state
+    UNION ALL
+    SELECT state, count(*) AS n FROM sagas
+    WHERE state IN ('COMPLETED', 'COMPENSATED', 'RESOLVED')
+      AND created_at > now() - $1 * interval '1 millisecond'
+    GROUP BY state
+    UNION ALL
+    SELECT 'stuck', count(*) FROM sagas
+    WHERE state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED')
+      AND (state = 'SUSPENDED' OR updated_at < now() - $2 * interval '1 millisecond' OR current_attempts >= $3)";
+
+/// `saga_list`'s statement. Public for the query-plan test.
+pub fn saga_list_sql() -> String {
+    format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas s
+         WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
+           AND ($2::text IS NULL OR definition = $2)
+           AND ($3::timestamptz IS NULL OR created_at <= $3)
+           AND ($4::timestamptz IS NULL OR (created_at, saga_id) < ($4, $5::uuid))
+           AND ($6::bigint IS NULL
+                OR (state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED')
+                    AND (state = 'SUSPENDED'
+                         OR updated_at < now() - $6 * interval '1 millisecond'
+                         OR current_attempts >= $7)))
+         ORDER BY created_at DESC, saga_id DESC
+         LIMIT $8"
+    )
+}
 
 /// The embedded migrations of `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -234,20 +268,7 @@ impl SagaStore for PgStore {
             Some(rule) => (Some(millis(rule.idle_for)), Some(rule.attempts_min as i32)),
             None => (None, None),
         };
-        let sql = format!(
-            "SELECT {SAGA_COLUMNS} FROM sagas s
-             WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
-               AND ($2::text IS NULL OR definition = $2)
-               AND ($3::timestamptz IS NULL OR created_at <= $3)
-               AND ($4::timestamptz IS NULL OR (created_at, saga_id) < ($4, $5::uuid))
-               AND ($6::bigint IS NULL
-                    OR state = 'SUSPENDED'
-                    OR (state IN ('RUNNING', 'COMPENSATING')
-                        AND (updated_at < now() - $6 * interval '1 millisecond'
-                             OR current_attempts >= $7)))
-             ORDER BY created_at DESC, saga_id DESC
-             LIMIT $8"
-        );
+        let sql = saga_list_sql();
         let limit = i64::from(q.limit.max(1));
         let rows = sqlx::query(&sql)
             .bind(&states)
@@ -271,6 +292,30 @@ impl SagaStore for PgStore {
             None
         };
         Ok(SagaPage { sagas, next })
+    }
+
+    async fn saga_counts(
+        &self,
+        stuck: StuckRule,
+        window: Duration,
+    ) -> Result<SagaCounts, StoreError> {
+        let rows = sqlx::query(SAGA_COUNTS_SQL)
+            .bind(millis(window))
+            .bind(millis(stuck.idle_for))
+            .bind(stuck.attempts_min as i32)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = SagaCounts::default();
+        for r in rows {
+            let state: String = r.try_get("state")?;
+            let n: i64 = r.try_get("n")?;
+            if state == "stuck" {
+                counts.stuck = n;
+            } else if let Some(s) = crate::domain::SagaState::parse(&state) {
+                counts.by_state.push((s, n));
+            }
+        }
+        Ok(counts)
     }
 
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {

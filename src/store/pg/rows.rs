@@ -106,26 +106,8 @@ pub fn decode_definition(row: &PgRow) -> Result<(Definition, DateTime<Utc>), Sto
 /// The denormalised listing columns: the step in progress and the attempts
 /// of its current phase.
 pub fn current_progress(saga: &Saga) -> (Option<i32>, i32) {
-    let at = match saga.state {
-        SagaState::Running => saga
-            .steps
-            .iter()
-            .position(|s| s.state != StepState::Succeeded),
-        SagaState::Compensating => saga.steps.iter().rposition(|s| {
-            matches!(
-                s.state,
-                StepState::Succeeded | StepState::Running | StepState::Compensating
-            )
-        }),
-        SagaState::Suspended => saga.steps.iter().rposition(|s| s.last_error.is_some()),
-        _ => None,
-    };
-    let attempts = at.map_or(0, |i| {
-        let s = &saga.steps[i];
-        match s.state {
-            StepState::Compensating => s.compensation_attempts,
-            _ => s.attempts,
-        }
-    });
-    (at.map(|i| i as i32), attempts.min(i32::MAX as u32) as i32)
+    match saga.progress() {
+        Some((at, attempts)) => (Some(at as i32), attempts.min(i32::MAX as u32) as i32),
+        None => (None, 0),
+    }
 }

@@ -1,0 +1,591 @@
+//! Server-rendered pages for people.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::html::{age, esc, page, state_class, url};
+use super::json::{parse_id, Filters};
+use super::{token_eq, AdminState, SESSION_COOKIE, SESSION_TTL};
+use crate::api::ApiError;
+use crate::domain::{Definition, Saga, SagaState};
+use crate::ops::OperatorKind;
+
+fn logged_in(st: &AdminState, headers: &HeaderMap) -> Option<bool> {
+    st.cfg.token.as_ref().map(|_| st.session(headers).is_some())
+}
+
+fn error_page(st: &AdminState, headers: &HeaderMap, status: StatusCode, msg: &str) -> Response {
+    let body = format!(
+        "<div class='flash error'>{}</div><p><a href=/>Back to the list</a></p>",
+        esc(msg)
+    );
+    (status, Html(page("Error", logged_in(st, headers), &body))).into_response()
+}
+
+fn api_error_page(st: &AdminState, headers: &HeaderMap, e: ApiError) -> Response {
+    let status = match &e {
+        ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::CONFLICT,
+    };
+    let msg = match &e {
+        ApiError::Store(inner) => {
+            tracing::error!(error = %inner, "admin page: storage error");
+            "storage unavailable; try again".to_owned()
+        }
+        other => other.to_string(),
+    };
+    error_page(st, headers, status, &msg)
+}
+
+async fn saga_rows(
+    st: &AdminState,
+    sagas: &[Saga],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<String, ApiError> {
+    let mut rows = String::new();
+    for s in sagas {
+        let def = st.ops.definition(&s.definition, s.version).await?;
+        let progress = s.progress();
+        let (step, attempts, error) = match progress {
+            Some((i, n)) => (
+                def.steps.get(i).map(|d| d.name.clone()).unwrap_or_default(),
+                n.to_string(),
+                s.steps[i]
+                    .last_error
+                    .clone()
+                    .or_else(|| s.error.clone())
+                    .unwrap_or_default(),
+            ),
+            None => (
+                String::new(),
+                String::new(),
+                s.error.clone().unwrap_or_default(),
+            ),
+        };
+        let _ = write!(
+            rows,
+            "<tr class=saga-row data-state={state}><td><a href=/sagas/{id}><code>{id}</code></a></td><td>{def}@{v}</td>\
+             <td class={cls}>{state}</td><td>{step}</td><td>{attempts}</td><td>{error}</td><td>{age}</td><td>{idle}</td></tr>",
+            id = s.id,
+            def = esc(&s.definition),
+            v = s.version,
+            cls = state_class(s.state.as_str()),
+            state = s.state,
+            step = esc(&step),
+            error = esc(&error),
+            age = age(s.created_at, now),
+            idle = age(s.updated_at, now),
+        );
+    }
+    Ok(rows)
+}
+
+fn saga_table(id: &str, rows: &str) -> String {
+    if rows.is_empty() {
+        return "<p class=muted>None.</p>".into();
+    }
+    format!(
+        "<table id={id}><tr><th>Saga</th><th>Definition</th><th>State</th><th>Step</th><th>Attempts</th>\
+         <th>Last error</th><th>Age</th><th>Since progress</th></tr>{rows}</table>"
+    )
+}
+
+/// GET /: counts, stuck sagas first, then every saga, filtered and paged.
+pub(super) async fn list(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    match list_body(&st, &p).await {
+        Ok(body) => Html(page("Sagas", logged_in(&st, &headers), &body)).into_response(),
+        Err(e) => api_error_page(&st, &headers, e),
+    }
+}
+
+async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<String, ApiError> {
+    let f = Filters::parse(p, st.cfg.page_size, st.cfg.page_size_max)?;
+    let now = st.ops.worker.db_now();
+    let counts = st
+        .ops
+        .store
+        .saga_counts(st.cfg.stuck, std::time::Duration::from_secs(24 * 3_600))
+        .await?;
+    let mut body = String::from("<div class=counts>");
+    let alarm = |bad: bool| if bad { " alarm" } else { "" };
+    let _ = write!(
+        body,
+        "<div class='count{}' id=count-stuck><b>{}</b>stuck</div>",
+        alarm(counts.stuck > 0),
+        counts.stuck
+    );
+    for s in SagaState::ALL {
+        let n = counts
+            .by_state
+            .iter()
+            .find(|(x, _)| x == s)
+            .map_or(0, |(_, n)| *n);
+        let window = if s.is_terminal() { " (24 h)" } else { "" };
+        let _ = write!(
+            body,
+            "<div class='count{}' id=count-{s}><b>{n}</b>{s}{window}</div>",
+            alarm(*s == SagaState::Suspended && n > 0)
+        );
+    }
+    body.push_str("</div>");
+    let selected = |s: &str| {
+        if f.states.iter().any(|x| x.as_str() == s) {
+            " selected"
+        } else {
+            ""
+        }
+    };
+    let mut options = String::from("<option value=''>any state</option>");
+    for s in SagaState::ALL {
+        let _ = write!(options, "<option{}>{s}</option>", selected(s.as_str()));
+    }
+    let _ = write!(
+        body,
+        "<form method=get class=filters>State <select name=state>{options}</select> \
+         Definition <input name=definition value='{}' size=16> \
+         Older than <input name=min_age_secs value='{}' size=6> s \
+         <button>Filter</button> <a href=/>clear</a></form>",
+        esc(f.definition.as_deref().unwrap_or("")),
+        f.min_age_secs.map(|s| s.to_string()).unwrap_or_default(),
+    );
+    if f.page_token.is_none() {
+        let mut stuck_q = f.query(st, true)?;
+        stuck_q.limit = st.cfg.page_size;
+        let stuck = st.ops.store.saga_list(&stuck_q).await?;
+        let _ = write!(
+            body,
+            "<h2>Stuck</h2>{}",
+            saga_table("stuck", &saga_rows(st, &stuck.sagas, now).await?)
+        );
+    }
+    let all = st.ops.store.saga_list(&f.query(st, f.stuck)?).await?;
+    let _ = write!(
+        body,
+        "<h2>All sagas</h2>{}",
+        saga_table("sagas", &saga_rows(st, &all.sagas, now).await?)
+    );
+    if let Some(next) = all.next {
+        let mut q: Vec<String> = p
+            .iter()
+            .filter(|(k, _)| *k != "page_token")
+            .map(|(k, v)| format!("{}={}", url(k), url(v)))
+            .collect();
+        q.push(format!(
+            "page_token={}",
+            url(&crate::api::encode_page_token(next))
+        ));
+        let _ = write!(
+            body,
+            "<p><a id=next-page href='/?{}'>Next page →</a></p>",
+            esc(&q.join("&"))
+        );
+    }
+    Ok(body)
+}
+
+/// GET /sagas/{id}: input, steps, history, actions.
+pub(super) async fn saga(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    match saga_body(&st, &headers, &id, &p).await {
+        Ok(body) => {
+            Html(page(&format!("Saga {id}"), logged_in(&st, &headers), &body)).into_response()
+        }
+        Err(e) => api_error_page(&st, &headers, e),
+    }
+}
+
+async fn saga_body(
+    st: &AdminState,
+    headers: &HeaderMap,
+    id: &str,
+    p: &HashMap<String, String>,
+) -> Result<String, ApiError> {
+    let id = parse_id(id)?;
+    let rec = st.ops.record(id).await?;
+    let (s, def) = (
+        &rec.saga,
+        st.ops
+            .definition(&rec.saga.definition, rec.saga.version)
+            .await?,
+    );
+    let now = st.ops.worker.db_now();
+    let mut body = String::new();
+    if let Some(m) = p.get("done") {
+        let _ = write!(body, "<div class=flash id=flash>{}</div>", esc(m));
+    }
+    if let Some(m) = p.get("error") {
+        let _ = write!(body, "<div class='flash error' id=flash>{}</div>", esc(m));
+    }
+    let pretty = |t: &str| {
+        serde_json::from_str::<serde_json::Value>(t)
+            .ok()
+            .and_then(|v| serde_json::to_string_pretty(&v).ok())
+            .unwrap_or_else(|| t.to_owned())
+    };
+    let _ = write!(
+        body,
+        "<h1>Saga <code>{id}</code></h1><table><tr><th>Definition</th><td><a href=/definitions#{d}>{d}@{v}</a></td></tr>\
+         <tr><th>State</th><td class={cls} id=saga-state>{state}</td></tr><tr><th>Why</th><td id=saga-error>{err}</td></tr>\
+         <tr><th>Started</th><td>{created} ({age} ago)</td></tr><tr><th>Last progress</th><td>{updated} ({idle} ago)</td></tr>\
+         <tr><th>Deadline</th><td>{deadline}</td></tr><tr><th>Input</th><td><pre id=saga-input>{input}</pre></td></tr></table>",
+        d = esc(&s.definition),
+        v = s.version,
+        cls = state_class(s.state.as_str()),
+        state = s.state,
+        err = esc(s.error.as_deref().unwrap_or("")),
+        created = s.created_at.to_rfc3339(),
+        age = age(s.created_at, now),
+        updated = s.updated_at.to_rfc3339(),
+        idle = age(s.updated_at, now),
+        deadline = s.deadline_at.map(|d| d.to_rfc3339()).unwrap_or_else(|| "none".into()),
+        input = esc(&pretty(&s.input)),
+    );
+    body.push_str("<h2>Steps</h2><table id=steps><tr><th>Step</th><th>Kind</th><th>Participant</th><th>State</th><th>Attempts</th><th>Compensation attempts</th><th>Next attempt</th><th>Output</th><th>Last error</th></tr>");
+    for (i, step) in s.steps.iter().enumerate() {
+        let d = def.steps.get(i);
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class={}>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td><td>{}</td></tr>",
+            esc(d.map_or("?", |d| d.name.as_str())),
+            def.kind(i).as_str(),
+            esc(d.map_or("?", |d| d.participant.as_str())),
+            state_class(step.state.as_str()),
+            step.state,
+            step.attempts,
+            step.compensation_attempts,
+            step.next_attempt_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            esc(&step.output.as_deref().map(pretty).unwrap_or_default()),
+            esc(step.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    body.push_str("</table>");
+    body.push_str(&actions(st, headers, s));
+    let events = st.ops.store.saga_events(id).await?;
+    body.push_str("<h2>History</h2><ol class=timeline id=history>");
+    for e in &events {
+        let _ = write!(
+            body,
+            "<li><span class=muted>{}</span> <b>{}</b>{}{} {}</li>",
+            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            esc(&e.kind),
+            e.step
+                .as_deref()
+                .map(|s| format!(" · {}", esc(s)))
+                .unwrap_or_default(),
+            if e.attempt > 0 {
+                format!(" · attempt {}", e.attempt)
+            } else {
+                String::new()
+            },
+            esc(&e.detail),
+        );
+    }
+    body.push_str("</ol>");
+    Ok(body)
+}
+
+/// The action forms, for the actions that apply to the saga's state.
+fn actions(st: &AdminState, headers: &HeaderMap, s: &Saga) -> String {
+    if s.state.is_terminal() {
+        return String::new();
+    }
+    let csrf = match (&st.cfg.token, st.session(headers)) {
+        (None, _) => st.process_csrf.clone(),
+        (Some(_), Some(session)) => session.csrf,
+        (Some(_), None) => {
+            return format!("<h2>Actions</h2><p><a id=login-to-act href='/login?next=/sagas/{}'>Log in</a> to retry, abort or resolve.</p>", s.id)
+        }
+    };
+    let mut out = String::from("<h2>Actions</h2>");
+    let mut form = |action: &str, label: &str, note_required: bool, help: &str| {
+        let _ = write!(
+            out,
+            "<form method=post action=/sagas/{id}/action id={action}-form><fieldset><legend>{label}</legend>\
+             <input type=hidden name=action value={action}><input type=hidden name=csrf value={csrf}>\
+             <p class=muted>{help}</p>Note <input name=note size=50{req}> \
+             <label><input type=checkbox name=confirm value=yes required> I confirm</label> \
+             <button id={action}-button>{label}</button></fieldset></form>",
+            id = s.id,
+            req = if note_required { " required" } else { "" },
+        );
+    };
+    form(
+        "retry",
+        "Retry",
+        false,
+        "Resume where it stopped with a fresh retry budget, or run a waiting retry now.",
+    );
+    if matches!(
+        (s.state, s.suspended_from),
+        (SagaState::Running, _) | (SagaState::Suspended, Some(SagaState::Running))
+    ) {
+        form(
+            "abort",
+            "Abort",
+            false,
+            "Compensate every step that took effect (only before the pivot).",
+        );
+    }
+    if s.state == SagaState::Suspended {
+        form(
+            "resolve",
+            "Resolve",
+            true,
+            "Mark it finished by hand; say what you did.",
+        );
+    }
+    out
+}
+
+#[derive(Deserialize)]
+pub(super) struct ActForm {
+    action: String,
+    #[serde(default)]
+    note: String,
+    #[serde(default)]
+    confirm: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// POST /sagas/{id}/action: runs an operator action, then shows the saga
+/// with the result.
+pub(super) async fn act(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    form: Option<Form<ActForm>>,
+) -> Response {
+    let Some(Form(f)) = form else {
+        return error_page(
+            &st,
+            &headers,
+            StatusCode::BAD_REQUEST,
+            "the form is incomplete",
+        );
+    };
+    let (actor, csrf) = match (&st.cfg.token, st.session(&headers)) {
+        (None, _) => ("web".to_owned(), st.process_csrf.clone()),
+        (Some(_), Some(s)) => (s.actor, s.csrf),
+        (Some(_), None) => {
+            return error_page(
+                &st,
+                &headers,
+                StatusCode::UNAUTHORIZED,
+                "log in to act on sagas",
+            )
+        }
+    };
+    if !token_eq(&f.csrf, &csrf) {
+        return error_page(
+            &st,
+            &headers,
+            StatusCode::FORBIDDEN,
+            "the form is stale or from another site (CSRF check failed); reload the page",
+        );
+    }
+    if f.confirm != "yes" {
+        return error_page(
+            &st,
+            &headers,
+            StatusCode::BAD_REQUEST,
+            "tick \"I confirm\" to act",
+        );
+    }
+    let Some(kind) = OperatorKind::parse(&f.action) else {
+        return error_page(&st, &headers, StatusCode::BAD_REQUEST, "unknown action");
+    };
+    let saga_id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(e) => return api_error_page(&st, &headers, e.into()),
+    };
+    let target = match st.ops.operator(saga_id, kind, &actor, &f.note).await {
+        Ok((saga, _)) => format!(
+            "/sagas/{id}?done={}",
+            url(&format!(
+                "{} done: the saga is now {}",
+                f.action, saga.state
+            ))
+        ),
+        Err(ApiError::Store(e)) => return api_error_page(&st, &headers, ApiError::Store(e)),
+        Err(e) => format!(
+            "/sagas/{id}?error={}",
+            url(&format!("{} refused: {e}", f.action))
+        ),
+    };
+    Redirect::to(&target).into_response()
+}
+
+/// GET /definitions: every version, with step kinds.
+pub(super) async fn definitions(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    let defs = match st.ops.store.definition_list().await {
+        Ok(d) => d,
+        Err(e) => return api_error_page(&st, &headers, e.into()),
+    };
+    let mut body = String::from("<h1>Definitions</h1>");
+    if defs.is_empty() {
+        body.push_str("<p class=muted>None registered yet.</p>");
+    }
+    for (d, at) in defs.iter().rev() {
+        body.push_str(&definition_section(d, *at));
+    }
+    Html(page("Definitions", logged_in(&st, &headers), &body)).into_response()
+}
+
+fn definition_section(d: &Definition, at: chrono::DateTime<chrono::Utc>) -> String {
+    let mut out = format!(
+        "<h2 id={n}>{n}@{v}</h2><p class=muted>registered {at}; deadline {dl}</p><table><tr><th>Step</th><th>Kind</th>\
+         <th>Participant</th><th>Action</th><th>Compensation</th><th>Idempotent</th><th>Timeout</th><th>Retry</th></tr>",
+        n = esc(&d.name),
+        v = d.version,
+        at = at.to_rfc3339(),
+        dl = d.deadline.map(|x| format!("{x:?}")).unwrap_or_else(|| "none".into()),
+    );
+    for (i, s) in d.steps.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:?}</td><td>{} attempts, {:?}×{}..{:?}</td></tr>",
+            esc(&s.name),
+            d.kind(i).as_str(),
+            esc(&s.participant),
+            esc(&s.action),
+            esc(s.compensation.as_deref().unwrap_or("—")),
+            if s.idempotent { "yes" } else { "no" },
+            s.timeout,
+            s.retry.max_attempts,
+            s.retry.initial_backoff,
+            s.retry.multiplier,
+            s.retry.max_backoff,
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// Only same-site paths may be the target after login.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        _ => "/".to_owned(),
+    }
+}
+
+/// GET /login.
+pub(super) async fn login_form(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    login_page(
+        &st,
+        &headers,
+        StatusCode::OK,
+        &safe_next(p.get("next").map(String::as_str)),
+        None,
+    )
+}
+
+fn login_page(
+    st: &AdminState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    next: &str,
+    error: Option<&str>,
+) -> Response {
+    if st.cfg.token.is_none() {
+        let body = "<p>No admin token is configured: actions need no login (the admin server only listens on loopback).</p>";
+        return (status, Html(page("Log in", None, body))).into_response();
+    }
+    let body = format!(
+        "<h1>Log in</h1>{}<form method=post action=/login><input type=hidden name=next value='{}'>\
+         <p>Your name (recorded with your actions) <input name=name id=name required size=24></p>\
+         <p>Admin token <input type=password name=token id=token required size=40></p><button id=login-button>Log in</button></form>",
+        error.map(|e| format!("<div class='flash error'>{}</div>", esc(e))).unwrap_or_default(),
+        esc(next),
+    );
+    (status, Html(page("Log in", logged_in(st, headers), &body))).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// POST /login: sets the session cookie.
+pub(super) async fn login(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    form: Option<Form<LoginForm>>,
+) -> Response {
+    let Some(Form(f)) = form else {
+        return login_page(
+            &st,
+            &headers,
+            StatusCode::BAD_REQUEST,
+            "/",
+            Some("the form is incomplete"),
+        );
+    };
+    let next = safe_next(Some(&f.next));
+    let Some(token) = &st.cfg.token else {
+        return Redirect::to(&next).into_response();
+    };
+    let name: String = f
+        .name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    if name.trim().is_empty() {
+        return login_page(
+            &st,
+            &headers,
+            StatusCode::BAD_REQUEST,
+            &next,
+            Some("say who you are"),
+        );
+    }
+    if !token_eq(&f.token, token) {
+        return login_page(
+            &st,
+            &headers,
+            StatusCode::UNAUTHORIZED,
+            &next,
+            Some("wrong token"),
+        );
+    }
+    let (id, _) = st.login(format!("web:{}", name.trim()));
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
+}
+
+/// POST /logout.
+pub(super) async fn logout(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    st.logout(&headers);
+    let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
