@@ -188,9 +188,12 @@ pub(super) async fn stats(State(st): State<Arc<AdminState>>) -> JsonResult {
             .map_or(0, |(_, n)| *n);
         by_state.insert(s.as_str().to_owned(), json!(n));
     }
-    Ok(Json(
-        json!({"counts": by_state, "stuck": counts.stuck, "settled_window_hours": 24}),
-    ))
+    Ok(Json(json!({
+        "counts": by_state,
+        "stuck": counts.stuck,
+        "settled_window_hours": 24,
+        "count_cap": crate::store::COUNT_CAP,
+    })))
 }
 
 pub(super) async fn list(

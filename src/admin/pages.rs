@@ -120,11 +120,18 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
         .await?;
     let mut body = String::from("<div class=counts>");
     let alarm = |bad: bool| if bad { " alarm" } else { "" };
+    let shown = |n: i64| {
+        if n >= crate::store::COUNT_CAP {
+            format!("{n}+")
+        } else {
+            n.to_string()
+        }
+    };
     let _ = write!(
         body,
         "<div class='count{}' id=count-stuck><b>{}</b>stuck</div>",
         alarm(counts.stuck > 0),
-        counts.stuck
+        shown(counts.stuck)
     );
     for s in SagaState::ALL {
         let n = counts
@@ -135,8 +142,9 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
         let window = if s.is_terminal() { " (24 h)" } else { "" };
         let _ = write!(
             body,
-            "<div class='count{}' id=count-{s}><b>{n}</b>{s}{window}</div>",
-            alarm(*s == SagaState::Suspended && n > 0)
+            "<div class='count{}' id=count-{s}><b>{}</b>{s}{window}</div>",
+            alarm(*s == SagaState::Suspended && n > 0),
+            shown(n)
         );
     }
     body.push_str("</div>");

@@ -122,6 +122,9 @@ pub struct SagaPage {
     pub next: Option<(DateTime<Utc>, Uuid)>,
 }
 
+/// Counts stop here: the admin view shows "10000+" rather than walk further.
+pub const COUNT_CAP: i64 = 10_000;
+
 /// Counts by state (see [`SagaStore::saga_counts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SagaCounts {
@@ -198,9 +201,8 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, StoreError>;
     /// A page of sagas, newest first.
     async fn saga_list(&self, query: &SagaQuery) -> Result<SagaPage, StoreError>;
-    /// Counts for the admin view: exact for RUNNING, COMPENSATING and
-    /// SUSPENDED and for stuck sagas, over the last `window` for the settled
-    /// states (all through indexes).
+    /// Counts for the admin view: by state (settled states over the last
+    /// `window`) and stuck, each up to [`COUNT_CAP`].
     async fn saga_counts(
         &self,
         stuck: StuckRule,

@@ -83,6 +83,7 @@ enum Command {
 /// A coordinator running in its own runtime on its own thread.
 pub struct TestCoordinator {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub owner: uuid::Uuid,
     cmd: Option<std::sync::mpsc::Sender<Command>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -128,7 +129,11 @@ impl TestCoordinator {
                     .await
                     .unwrap()
             });
-            let _ = ready_tx.send((coordinator.grpc_addr, coordinator.owner.0));
+            let _ = ready_tx.send((
+                coordinator.grpc_addr,
+                coordinator.admin_addr,
+                coordinator.owner.0,
+            ));
             // Park this thread (not the runtime) until told what to do.
             match cmd_rx.recv() {
                 Ok(Command::Shutdown(done)) => {
@@ -141,9 +146,10 @@ impl TestCoordinator {
                 }
             }
         });
-        let (addr, owner) = ready_rx.await.expect("coordinator failed to start");
+        let (addr, admin, owner) = ready_rx.await.expect("coordinator failed to start");
         TestCoordinator {
             addr,
+            admin,
             owner,
             cmd: Some(cmd_tx),
             thread: Some(thread),
@@ -480,4 +486,88 @@ pub fn step_states(s: &proto::Saga) -> Vec<proto::StepState> {
         .iter()
         .map(|st| proto::StepState::try_from(st.state).unwrap())
         .collect()
+}
+
+/// A response from [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
 }

@@ -28,27 +28,31 @@ pub const CHANNEL_SETTLED: &str = "sagad_settled";
 /// Notification channel: a saga became due for any coordinator.
 pub const CHANNEL_DUE: &str = "sagad_due";
 
-/// `saga_counts`: exact counts of the unsettled states through the state
-/// index, settled states over a recent window through (state, created_at).
-/// Public for the query-plan test.
+/// `saga_counts`: per state (settled states only over the recent window),
+/// and stuck sagas; each count walks the state index and stops at
+/// [`crate::store::COUNT_CAP`], so the admin page costs the same with a
+/// million sagas as with ten. Public for the query-plan test.
 pub const SAGA_COUNTS_SQL: &str = "
-    SELECT state, count(*) AS n FROM sagas
-    WHERE state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED') GROUP BY state
+    SELECT v.state, (SELECT count(*) FROM (
+               SELECT 1 FROM sagas s
+               WHERE s.state = v.state
+                 AND (NOT v.settled OR s.created_at > now() - $1 * interval '1 millisecond')
+               LIMIT $4) t) AS n
+    FROM (VALUES ('RUNNING', false), ('COMPENSATING', false), ('SUSPENDED', false),
+                 ('COMPLETED', true), ('COMPENSATED', true), ('RESOLVED', true)) AS v(state, settled)
     UNION ALL
-    SELECT state, count(*) AS n FROM sagas
-    WHERE state IN ('COMPLETED', 'COMPENSATED', 'RESOLVED')
-      AND created_at > now() - $1 * interval '1 millisecond'
-    GROUP BY state
-    UNION ALL
-    SELECT 'stuck', count(*) FROM sagas
-    WHERE state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED')
-      AND (state = 'SUSPENDED' OR updated_at < now() - $2 * interval '1 millisecond' OR current_attempts >= $3)";
+    SELECT 'stuck', count(*) FROM (
+        SELECT 1 FROM sagas
+        WHERE state IN ('RUNNING', 'COMPENSATING', 'SUSPENDED')
+          AND (state = 'SUSPENDED' OR updated_at < now() - $2 * interval '1 millisecond' OR current_attempts >= $3)
+        LIMIT $4) t";
 
 /// `saga_list`'s statement. Public for the query-plan test.
 pub fn saga_list_sql() -> String {
     format!(
         "SELECT {SAGA_COLUMNS} FROM sagas s
          WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
+           AND ($9::text IS NULL OR state = $9)
            AND ($2::text IS NULL OR definition = $2)
            AND ($3::timestamptz IS NULL OR created_at <= $3)
            AND ($4::timestamptz IS NULL OR (created_at, saga_id) < ($4, $5::uuid))
@@ -262,7 +266,12 @@ impl SagaStore for PgStore {
     }
 
     async fn saga_list(&self, q: &SagaQuery) -> Result<SagaPage, StoreError> {
-        let states: Vec<&str> = q.states.iter().map(|s| s.as_str()).collect();
+        // One state goes in as an equality, so the (state, created_at) index
+        // also gives the order; `= ANY('{X}')` would make PostgreSQL sort.
+        let (states, single): (Vec<&str>, Option<&str>) = match q.states.as_slice() {
+            [one] => (Vec::new(), Some(one.as_str())),
+            many => (many.iter().map(|s| s.as_str()).collect(), None),
+        };
         let (after_at, after_id) = q.after.unzip();
         let (idle_ms, attempts_min) = match q.stuck {
             Some(rule) => (Some(millis(rule.idle_for)), Some(rule.attempts_min as i32)),
@@ -279,6 +288,7 @@ impl SagaStore for PgStore {
             .bind(idle_ms)
             .bind(attempts_min)
             .bind(limit + 1)
+            .bind(single)
             .fetch_all(&self.pool)
             .await?;
         let mut sagas = rows
@@ -303,6 +313,7 @@ impl SagaStore for PgStore {
             .bind(millis(window))
             .bind(millis(stuck.idle_for))
             .bind(stuck.attempts_min as i32)
+            .bind(super::COUNT_CAP)
             .fetch_all(&self.pool)
             .await?;
         let mut counts = SagaCounts::default();
