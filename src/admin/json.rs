@@ -93,11 +93,9 @@ impl Filters {
             states: self.states.clone(),
             definition: self.definition.clone(),
             stuck: stuck.then_some(st.cfg.stuck),
-            created_before: self.min_age_secs.map(|s| {
-                now - chrono::Duration::seconds(
-                    i64::try_from(s).unwrap_or(i64::MAX / 1_000).min(1 << 40),
-                )
-            }),
+            created_before: self
+                .min_age_secs
+                .map(|secs| crate::api::older_than(now, std::time::Duration::from_secs(secs))),
             limit: self.page_size,
             after: crate::api::decode_page_token(self.page_token.as_deref().unwrap_or(""))?,
         })

@@ -244,7 +244,8 @@ impl CoordinatorApi {
             states,
             definition: (!r.definition.is_empty()).then_some(r.definition),
             stuck: r.stuck_only.then_some(self.cfg.stuck),
-            created_before: None,
+            created_before: convert::duration_in("min_age", r.min_age.as_ref())?
+                .map(|age| older_than(self.worker.db_now(), age)),
             limit,
             after: decode_page_token(&r.page_token)?,
         };
@@ -322,6 +323,15 @@ fn json_eq(a: &str, b: &str) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     }
+}
+
+/// `now - age`, saturating at the earliest representable time (an absurd
+/// age from a client must not panic).
+pub fn older_than(now: DateTime<Utc>, age: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|a| now.checked_sub_signed(a))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// An opaque page token for the keyset cursor `(created_at, saga_id)`.

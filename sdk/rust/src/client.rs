@@ -282,6 +282,8 @@ pub struct ListQuery {
     pub definition: Option<String>,
     /// Only stuck sagas.
     pub stuck_only: bool,
+    /// Only sagas at least this old.
+    pub min_age: Option<Duration>,
     /// Page size (0 = the coordinator's default).
     pub page_size: u32,
     /// Token from the previous page.
@@ -444,6 +446,7 @@ impl Client {
             stuck_only: q.stuck_only,
             page_size: q.page_size,
             page_token: q.page_token.unwrap_or_default(),
+            min_age: q.min_age.map(duration),
         };
         let r = self
             .inner

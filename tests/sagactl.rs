@@ -1,0 +1,217 @@
+//! `sagactl`, the binary, against a live `sagad`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use saga_coordinator::proto;
+use serde_json::Value;
+use tonic::Code;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn sagactl(coordinator: &str, args: &[&str]) -> Out {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"));
+    cmd.env_remove("SAGAD_ADMIN_TOKEN")
+        .env("USER", "carol")
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args);
+    // Off the runtime: the participants of the test run on it meanwhile.
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+const YAML: &str = "
+name: order
+deadline_ms: 60000
+steps:
+  - name: reserve
+    participant: svc
+    action: reserve.do
+    compensation: reserve.undo
+    idempotent: true
+    timeout_ms: 2000
+    retry: { max_attempts: 2, initial_backoff_ms: 10, multiplier: 2, max_backoff_ms: 20 }
+  - name: charge
+    participant: svc
+    action: charge.do
+    idempotent: true
+";
+
+#[tokio::test]
+async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = vec![("svc".into(), url)];
+    cfg.admin_token = Some("sagactl-test-token-123".into());
+    let coord = TestCoordinator::start(cfg).await;
+    let mut client = coord.client().await;
+    let addr = format!("http://{}", coord.addr);
+    let dir = std::env::temp_dir().join(format!("sagactl-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // definitions register: YAML, then the same content as JSON.
+    let yaml = dir.join("order.yaml");
+    std::fs::write(&yaml, YAML).unwrap();
+    let r = sagactl(&addr, &["definitions", "register", yaml.to_str().unwrap()]).await;
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, "registered order@1"),
+        "{}",
+        r.stderr
+    );
+    let json_file = dir.join("order.json");
+    std::fs::write(
+        &json_file,
+        r#"{"name": "order", "deadline_ms": 60000, "steps": [
+            {"name": "reserve", "participant": "svc", "action": "reserve.do", "compensation": "reserve.undo",
+             "idempotent": true, "timeout_ms": 2000,
+             "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "multiplier": 2, "max_backoff_ms": 20}},
+            {"name": "charge", "participant": "svc", "action": "charge.do", "idempotent": true}]}"#,
+    )
+    .unwrap();
+    let r = sagactl(
+        &addr,
+        &[
+            "definitions",
+            "register",
+            json_file.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (v["created"].as_bool(), v["definition"]["version"].as_u64()),
+        (Some(false), Some(1))
+    );
+    let r = sagactl(&addr, &["definitions", "list"]).await;
+    assert!(
+        r.stdout.contains("order") && r.stdout.contains("reserve → charge"),
+        "{}",
+        r.stdout
+    );
+    // A file that is not a definition: usage error; a definition the
+    // coordinator refuses: refused, naming the field.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "name: x\nsteps: []\nextra: 1\n").unwrap();
+    assert_eq!(
+        sagactl(&addr, &["definitions", "register", bad.to_str().unwrap()])
+            .await
+            .code,
+        2
+    );
+    std::fs::write(&bad, "name: x\nsteps: []\n").unwrap();
+    let r = sagactl(&addr, &["definitions", "register", bad.to_str().unwrap()]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("INVALID_ARGUMENT: definition.steps: must not be empty"),
+        "{}",
+        r.stderr
+    );
+
+    // A suspended saga and a completed one.
+    svc.script("charge.do", vec![Reply::Status(Code::Unimplemented)]);
+    let bad_saga = start(&mut client, "order", r#"{"id": 1}"#).await;
+    wait(&mut client, &bad_saga.saga_id).await;
+    let good = start(&mut client, "order", "{}").await;
+    wait(&mut client, &good.saga_id).await;
+
+    let r = sagactl(&addr, &["list", "--stuck"]).await;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.starts_with("SAGA"), "a table: {}", r.stdout);
+    assert!(
+        r.stdout.contains(&bad_saga.saga_id) && !r.stdout.contains(&good.saga_id),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("UNIMPLEMENTED"));
+    let r = sagactl(&addr, &["list", "--state", "completed", "--json"]).await;
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["sagas"].as_array().unwrap().len(), 1);
+    assert_eq!(v["sagas"][0]["saga_id"], good.saga_id.as_str());
+    let r = sagactl(&addr, &["list", "--older-than", "3600", "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.stdout).unwrap()["sagas"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        sagactl(&addr, &["list", "--state", "sideways"]).await.code,
+        2
+    );
+
+    let r = sagactl(&addr, &["show", &bad_saga.saga_id]).await;
+    assert!(
+        r.stdout.contains("state       SUSPENDED") && r.stdout.contains("charge"),
+        "{}",
+        r.stdout
+    );
+    let r = sagactl(&addr, &["show", &bad_saga.saga_id, "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.stdout).unwrap()["input"]["id"],
+        1
+    );
+    let r = sagactl(&addr, &["events", &bad_saga.saga_id]).await;
+    assert!(r.stdout.contains("started") && r.stdout.contains("suspended"));
+    let r = sagactl(&addr, &["show", &uuid::Uuid::new_v4().to_string()]).await;
+    assert_eq!(r.code, 3, "not found: {}", r.stderr);
+    assert_eq!(sagactl(&addr, &["show", "nope"]).await.code, 1);
+
+    // Acting needs the token.
+    let r = sagactl(&addr, &["retry", &bad_saga.saga_id]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("UNAUTHENTICATED"), "{}", r.stderr);
+    let token = ["--token", "sagactl-test-token-123"];
+    let r = sagactl(&addr, &["resolve", &bad_saga.saga_id]).await;
+    assert_eq!(r.code, 2, "--note is required: {}", r.stderr);
+    let r = sagactl(&addr, &[&["abort", &good.saga_id][..], &token].concat()).await;
+    assert_eq!(r.code, 1, "a completed saga cannot be aborted");
+    let r = sagactl(
+        &addr,
+        &[&["retry", &bad_saga.saga_id, "--note", "fixed"][..], &token].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r
+        .stdout
+        .starts_with(&format!("retried {}", bad_saga.saga_id)));
+    let done = wait(&mut client, &bad_saga.saga_id).await;
+    assert_eq!(state(&done), proto::SagaState::Completed);
+    let ev = events(&mut client, &bad_saga.saga_id).await;
+    assert_eq!(
+        ev.iter()
+            .find(|e| e.kind == "operator_retry")
+            .unwrap()
+            .detail,
+        "by carol: fixed"
+    );
+
+    // An unreachable coordinator.
+    let r = sagactl("http://127.0.0.1:1", &["list"]).await;
+    assert_eq!(r.code, 4);
+    assert!(
+        r.stderr
+            .contains("cannot reach the coordinator at http://127.0.0.1:1"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
