@@ -1,0 +1,272 @@
+//! The admin page in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, installed by `.ci/run`), driven over WebDriver: an
+//! operator finds a suspended saga, logs in, retries it and sees it finish;
+//! a saga whose input holds a `<script>` shows it as text.
+//!
+//! Screenshots of the list and the saga page land in
+//! `$CARGO_TARGET_TMPDIR/screenshots` (and in `$SAGAD_SCREENSHOTS_DIR` when
+//! set, which is how the README's pictures are made).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use saga_coordinator::proto;
+use tonic::Code;
+
+const TOKEN: &str = "browser-test-token-0123456789";
+
+/// chromedriver, ended by PID when dropped.
+struct Driver(std::process::Child, u16);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn chromedriver() -> Driver {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start chromedriver ({e}): install Debian's chromium and chromium-driver (.ci/run does)"));
+    let driver = Driver(child, port);
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "chromedriver did not listen on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    driver
+}
+
+async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
+    let caps = serde_json::json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000", format!("--user-data-dir={}", profile.display()),
+            ]
+        }
+    });
+    let serde_json::Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.1))
+        .await
+        .unwrap()
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    let mut dirs = vec![std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")];
+    if let Some(d) = std::env::var_os("SAGAD_SCREENSHOTS_DIR") {
+        dirs.push(d.into());
+    }
+    for d in dirs {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), &png).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = vec![("svc".into(), url)];
+    cfg.admin_token = Some(TOKEN.into());
+    let coord = TestCoordinator::start(cfg).await;
+    let mut grpc = coord.client().await;
+    register(
+        &mut grpc,
+        definition(
+            "order",
+            vec![
+                step("reserve", "svc", true, true),
+                step("charge", "svc", true, true),
+            ],
+        ),
+    )
+    .await;
+    for i in 0..3 {
+        let s = start(&mut grpc, "order", &format!(r#"{{"order": {i}}}"#)).await;
+        wait(&mut grpc, &s.saga_id).await;
+    }
+    svc.script("charge.do", vec![Reply::Status(Code::Unimplemented)]);
+    let stuck = start(&mut grpc, "order", r#"{"order": 42, "customer": "Ada"}"#).await;
+    wait(&mut grpc, &stuck.saga_id).await;
+    let xss = start(
+        &mut grpc,
+        "order",
+        r#"{"note": "<script>window.__xss = 1</script>"}"#,
+    )
+    .await;
+    wait(&mut grpc, &xss.saga_id).await;
+
+    let driver = chromedriver().await;
+    let profile = std::env::temp_dir().join(format!("sagad-chromium-{}", uuid::Uuid::new_v4()));
+    let c = browser(&driver, &profile).await;
+    let base = format!("http://{}", coord.admin);
+
+    // The list: counts at the top, the suspended saga in the stuck table.
+    c.goto(&format!("{base}/")).await.unwrap();
+    let stuck_count = c
+        .find(Locator::Css("#count-stuck b"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(stuck_count, "1");
+    screenshot(&c, "admin-list.png").await;
+    let link = c.find(Locator::Css("#stuck a")).await.unwrap();
+    assert_eq!(link.text().await.unwrap(), stuck.saga_id);
+    link.click().await.unwrap();
+    assert_eq!(
+        c.find(Locator::Id("saga-state"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "SUSPENDED"
+    );
+
+    // Log in from the saga page and come back to it.
+    c.find(Locator::Id("login-to-act"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Id("name"))
+        .await
+        .unwrap()
+        .send_keys("dana")
+        .await
+        .unwrap();
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    c.find(Locator::Id("login-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(c
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .ends_with(&stuck.saga_id));
+
+    // Retry, confirmed; the result is shown.
+    let form = c.find(Locator::Id("retry-form")).await.unwrap();
+    form.find(Locator::Css("input[name=note]"))
+        .await
+        .unwrap()
+        .send_keys("charge handler redeployed")
+        .await
+        .unwrap();
+    form.find(Locator::Css("input[name=confirm]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    screenshot(&c, "admin-saga.png").await;
+    c.find(Locator::Id("retry-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let flash = c
+        .find(Locator::Id("flash"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(flash.starts_with("retry done"), "{flash}");
+
+    // The saga finishes; the page says so.
+    let done = wait(&mut grpc, &stuck.saga_id).await;
+    assert_eq!(state(&done), proto::SagaState::Completed);
+    c.refresh().await.unwrap();
+    assert_eq!(
+        c.find(Locator::Id("saga-state"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "COMPLETED"
+    );
+    let history = c
+        .find(Locator::Id("history"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        history.contains("operator_retry by web:dana: charge handler redeployed"),
+        "{history}"
+    );
+
+    // A script in the input is text, not code.
+    c.goto(&format!("{base}/sagas/{}", xss.saga_id))
+        .await
+        .unwrap();
+    let input = c
+        .find(Locator::Id("saga-input"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        input.contains("<script>window.__xss = 1</script>"),
+        "{input}"
+    );
+    let ran = c
+        .execute("return window.__xss === undefined;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        ran,
+        serde_json::Value::Bool(true),
+        "the script must not run"
+    );
+
+    c.close().await.unwrap();
+    drop(driver);
+    let _ = std::fs::remove_dir_all(&profile);
+}
