@@ -630,3 +630,34 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
         "counts stop at the cap"
     );
 }
+
+#[tokio::test]
+async fn readyz_fails_while_the_database_does_not_answer() {
+    let e = env(None).await;
+    assert_eq!(get(&e, "/readyz").await.status, 200);
+    let name = e.db.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+        .await
+        .unwrap();
+    let cut = |allow: bool| format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allow}");
+    sqlx::query(&cut(false)).execute(&mut admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let r = get(&e, "/readyz").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["status"], "not ready");
+    assert_eq!(
+        get(&e, "/healthz").await.status,
+        200,
+        "the process itself is up"
+    );
+    sqlx::query(&cut(true)).execute(&mut admin).await.unwrap();
+    assert_eq!(
+        get(&e, "/readyz").await.status,
+        200,
+        "ready again once the database answers"
+    );
+}
