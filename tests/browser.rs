@@ -77,6 +77,16 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
         .unwrap()
 }
 
+/// Waits (up to 20 s) for the element with this id: after a click that
+/// navigates, the next page may not be there yet.
+async fn appear(c: &Client, id: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("#{id} did not appear: {e}"))
+}
+
 async fn screenshot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
     let mut dirs = vec![std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")];
@@ -145,12 +155,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     assert_eq!(link.text().await.unwrap(), stuck.saga_id);
     link.click().await.unwrap();
     assert_eq!(
-        c.find(Locator::Id("saga-state"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+        appear(&c, "saga-state").await.text().await.unwrap(),
         "SUSPENDED"
     );
 
@@ -161,12 +166,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         .click()
         .await
         .unwrap();
-    c.find(Locator::Id("name"))
-        .await
-        .unwrap()
-        .send_keys("dana")
-        .await
-        .unwrap();
+    appear(&c, "name").await.send_keys("dana").await.unwrap();
     c.find(Locator::Id("token"))
         .await
         .unwrap()
@@ -179,15 +179,15 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         .click()
         .await
         .unwrap();
+
+    // Back on the saga's page: retry, confirmed; the result is shown.
+    let form = appear(&c, "retry-form").await;
     assert!(c
         .current_url()
         .await
         .unwrap()
         .path()
         .ends_with(&stuck.saga_id));
-
-    // Retry, confirmed; the result is shown.
-    let form = c.find(Locator::Id("retry-form")).await.unwrap();
     form.find(Locator::Css("input[name=note]"))
         .await
         .unwrap()
@@ -207,13 +207,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         .click()
         .await
         .unwrap();
-    let flash = c
-        .find(Locator::Id("flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = appear(&c, "flash").await.text().await.unwrap();
     assert!(flash.starts_with("retry done"), "{flash}");
 
     // The saga finishes; the page says so.
@@ -221,21 +215,10 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     assert_eq!(state(&done), proto::SagaState::Completed);
     c.refresh().await.unwrap();
     assert_eq!(
-        c.find(Locator::Id("saga-state"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+        appear(&c, "saga-state").await.text().await.unwrap(),
         "COMPLETED"
     );
-    let history = c
-        .find(Locator::Id("history"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let history = appear(&c, "history").await.text().await.unwrap();
     assert!(
         history.contains("operator_retry by web:dana: charge handler redeployed"),
         "{history}"
@@ -245,13 +228,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     c.goto(&format!("{base}/sagas/{}", xss.saga_id))
         .await
         .unwrap();
-    let input = c
-        .find(Locator::Id("saga-input"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let input = appear(&c, "saga-input").await.text().await.unwrap();
     assert!(
         input.contains("<script>window.__xss = 1</script>"),
         "{input}"
