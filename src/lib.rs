@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod ctl;
 pub mod domain;

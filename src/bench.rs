@@ -1,0 +1,601 @@
+//! The benchmark behind `saga-bench` (see the README's Performance
+//! section). It spawns `sagad` as a child process (so its CPU time can be
+//! read from `/proc`) or targets a running one, serves trivial participants
+//! in-process on 127.0.0.1, and for each client concurrency runs clients that
+//! start a saga and wait for its outcome, for a fixed time. Every loop is
+//! bounded in count and time; all traffic stays on 127.0.0.1.
+
+use std::io::BufRead;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use serde::Serialize;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tonic::{Request, Response, Status};
+
+use crate::proto;
+use crate::proto::coordinator_service_client::CoordinatorServiceClient;
+use crate::proto::participant_service_server::{ParticipantService, ParticipantServiceServer};
+
+/// Flags.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "saga-bench",
+    about = "Measure sagad: sagas/s, latency, commits and rows per saga"
+)]
+pub struct Args {
+    /// A running sagad to target (its gRPC URL). Without it, saga-bench
+    /// starts its own sagad on a fresh database.
+    #[arg(long)]
+    pub sagad: Option<String>,
+    /// The database sagad uses (for pg_stat_database and the commit
+    /// ceiling); recreated when saga-bench starts its own sagad.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/saga_bench")]
+    pub database_url: String,
+    /// The sagad binary to start (default: next to saga-bench).
+    #[arg(long)]
+    pub sagad_bin: Option<std::path::PathBuf>,
+    /// Steps per saga.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub steps: u32,
+    /// Client concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub concurrency: Vec<u32>,
+    /// Seconds per level.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// Fraction of sagas whose last step refuses (they compensate).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_fraction: f64,
+    /// Where to write results.json and chart.svg.
+    #[arg(long, default_value = "bench-results")]
+    pub out: std::path::PathBuf,
+    /// Skip the raw commit ceiling measurement.
+    #[arg(long)]
+    pub no_ceiling: bool,
+    /// Most sagas per level, whatever the duration.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_sagas: u64,
+}
+
+/// One level's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    /// Client concurrency.
+    pub concurrency: u32,
+    /// Sagas finished.
+    pub sagas: u64,
+    /// Of which compensated.
+    pub compensated: u64,
+    /// Errors (any failed call or unexpected state).
+    pub errors: u64,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Finished sagas per second.
+    pub sagas_per_sec: f64,
+    /// End-to-end latency percentiles, milliseconds.
+    pub p50_ms: f64,
+    /// p90.
+    pub p90_ms: f64,
+    /// p99.
+    pub p99_ms: f64,
+    /// max.
+    pub max_ms: f64,
+    /// PostgreSQL commits per saga (xact_commit delta / sagas).
+    pub commits_per_saga: f64,
+    /// Rows inserted + updated + deleted per saga.
+    pub rows_per_saga: f64,
+    /// sagad CPU seconds per 1,000 sagas (when saga-bench started it).
+    pub sagad_cpu_s_per_1000: Option<f64>,
+    /// Single-row INSERT commits/s at this concurrency, same database.
+    pub ceiling_commits_per_sec: Option<f64>,
+    /// sagas/s × commits/saga as a fraction of the ceiling.
+    pub ceiling_fraction: Option<f64>,
+}
+
+/// Trivial participant: every action succeeds with a small output, except
+/// the last step of sagas whose input says `"fail": true`.
+#[derive(Clone)]
+struct Bench {
+    last_step: String,
+}
+
+#[tonic::async_trait]
+impl ParticipantService for Bench {
+    async fn invoke(
+        &self,
+        r: Request<proto::InvokeRequest>,
+    ) -> Result<Response<proto::InvokeResponse>, Status> {
+        let r = r.into_inner();
+        let fail = r.phase == proto::Phase::Action as i32
+            && r.step == self.last_step
+            && r.input_json.contains("\"fail\":true");
+        let (outcome, output) = if fail {
+            (proto::Outcome::Failed, String::new())
+        } else {
+            (
+                proto::Outcome::Succeeded,
+                format!("{{\"step\":\"{}\",\"attempt\":{}}}", r.step, r.attempt),
+            )
+        };
+        Ok(Response::new(proto::InvokeResponse {
+            outcome: outcome as i32,
+            output_json: output,
+            error: String::new(),
+        }))
+    }
+}
+
+struct Sagad {
+    child: Option<std::process::Child>,
+    url: String,
+}
+
+impl Drop for Sagad {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            // Ours, by PID.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Sagad {
+    /// utime + stime of the child, seconds (USER_HZ is 100 on Linux).
+    fn cpu_secs(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_comm = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = after_comm.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+}
+
+async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad> {
+    if let Some(url) = &args.sagad {
+        return Ok(Sagad {
+            child: None,
+            url: url.clone(),
+        });
+    }
+    if sqlx::Postgres::database_exists(&args.database_url).await? {
+        sqlx::Postgres::drop_database(&args.database_url).await?;
+    }
+    let bin = match &args.sagad_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("sagad"),
+    };
+    let mut child = std::process::Command::new(&bin)
+        .args([
+            "--database-url",
+            &args.database_url,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--participant", &format!("bench={participant_url}")])
+        .env("RUST_LOG", "warn,saga_coordinator::server=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("sagad started") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let mut sagad = Sagad {
+        child: Some(child),
+        url: String::new(),
+    };
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("sagad did not start")?;
+    let addr = line
+        .split("grpc_addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .ok_or_else(|| anyhow!("no grpc_addr in {line:?}"))?;
+    sagad.url = format!("http://{addr}");
+    Ok(sagad)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PgStats {
+    commits: i64,
+    rows: i64,
+}
+
+async fn pg_stats(pool: &PgPool) -> anyhow::Result<PgStats> {
+    let r = sqlx::query(
+        "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted AS rows
+         FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(PgStats {
+        commits: r.try_get("xact_commit")?,
+        rows: r.try_get("rows")?,
+    })
+}
+
+/// Statistics reach pg_stat_database when backends go idle, within a
+/// second; wait that out before reading.
+async fn settled_stats(pool: &PgPool) -> anyhow::Result<PgStats> {
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pg_stats(pool).await
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.fail_fraction) {
+        bail!("--fail-fraction must be within 0..=1");
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let participant_url = format!("http://{}", listener.local_addr()?);
+    let last_step = format!("s{}", args.steps - 1);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ParticipantServiceServer::new(Bench { last_step }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let sagad = start_sagad(&args, &participant_url).await?;
+    let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_c + 2)
+        .connect(&args.database_url)
+        .await?;
+    let version: String = sqlx::query_scalar("SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
+        .fetch_one(&pool)
+        .await?;
+    println!(
+        "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; PostgreSQL {version}",
+        args.steps, args.concurrency, args.duration_secs, args.fail_fraction
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(sagad.url.clone())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = CoordinatorServiceClient::new(channel.clone());
+    if args.sagad.is_some() {
+        client
+            .heartbeat(proto::HeartbeatRequest {
+                participant: "bench".into(),
+                instance_id: format!("saga-bench-{}", std::process::id()),
+                endpoint: participant_url.clone(),
+                ttl: Some(prost_types::Duration {
+                    seconds: 3_600,
+                    nanos: 0,
+                }),
+            })
+            .await?;
+    }
+    let name = format!("bench-{}", args.steps);
+    let steps = (0..args.steps)
+        .map(|i| proto::StepDefinition {
+            name: format!("s{i}"),
+            participant: "bench".into(),
+            action: format!("s{i}.do"),
+            compensation: format!("s{i}.undo"),
+            idempotent: true,
+            ..Default::default()
+        })
+        .collect();
+    client
+        .register_definition(proto::RegisterDefinitionRequest {
+            definition: Some(proto::SagaDefinition {
+                name: name.clone(),
+                steps,
+                ..Default::default()
+            }),
+        })
+        .await?;
+
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let level = run_level(&args, &sagad, &pool, channel.clone(), &name, c.max(1)).await?;
+        println!(
+            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu {}  ceiling {}  errors {}",
+            level.concurrency,
+            level.sagas_per_sec,
+            level.p50_ms,
+            level.p90_ms,
+            level.p99_ms,
+            level.max_ms,
+            level.commits_per_saga,
+            level.rows_per_saga,
+            level.sagad_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
+            match (level.ceiling_commits_per_sec, level.ceiling_fraction) {
+                (Some(t), Some(f)) => format!("{t:.0} commits/s ({:.0}% used)", f * 100.0),
+                _ => "n/a".into(),
+            },
+            level.errors,
+        );
+        levels.push(level);
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let report = serde_json::json!({
+        "steps": args.steps,
+        "fail_fraction": args.fail_fraction,
+        "duration_secs": args.duration_secs,
+        "postgres": version,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "levels": levels,
+    });
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("chart.svg"), chart(&levels, args.steps))?;
+    println!(
+        "wrote {} and {}",
+        args.out.join("results.json").display(),
+        args.out.join("chart.svg").display()
+    );
+    let errors: u64 = levels.iter().map(|l| l.errors).sum();
+    if errors > 0 {
+        bail!("{errors} errors");
+    }
+    drop(sagad);
+    Ok(())
+}
+
+async fn run_level(
+    args: &Args,
+    sagad: &Sagad,
+    pool: &PgPool,
+    channel: tonic::transport::Channel,
+    name: &str,
+    c: u32,
+) -> anyhow::Result<Level> {
+    let before = settled_stats(pool).await?;
+    let cpu_before = sagad.cpu_secs();
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(args.duration_secs);
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let budget = Arc::new(AtomicU64::new(args.max_sagas));
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let mut client = CoordinatorServiceClient::new(channel.clone());
+        let (name, done, errors, budget) = (
+            name.to_owned(),
+            done.clone(),
+            errors.clone(),
+            budget.clone(),
+        );
+        let fail_fraction = args.fail_fraction;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut compensated = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < until
+                && budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                    .is_ok()
+            {
+                // Deterministic spread of failing sagas.
+                let fail = fail_fraction > 0.0
+                    && ((n * 7_919 + u64::from(i) * 104_729) % 1_000) as f64 / 1_000.0
+                        < fail_fraction;
+                n += 1;
+                let t = Instant::now();
+                let input = format!("{{\"client\":{i},\"n\":{n},\"fail\":{fail}}}");
+                let outcome = async {
+                    let s = client
+                        .start_saga(proto::StartSagaRequest {
+                            definition: name.clone(),
+                            input_json: input,
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner()
+                        .saga
+                        .ok_or_else(|| Status::internal("no saga"))?;
+                    let w = client
+                        .wait_saga(proto::WaitSagaRequest {
+                            saga_id: s.saga_id,
+                            timeout: Some(prost_types::Duration {
+                                seconds: 30,
+                                nanos: 0,
+                            }),
+                        })
+                        .await?
+                        .into_inner()
+                        .saga
+                        .ok_or_else(|| Status::internal("no saga"))?;
+                    Ok::<i32, Status>(w.state)
+                }
+                .await;
+                let want = if fail {
+                    proto::SagaState::Compensated
+                } else {
+                    proto::SagaState::Completed
+                } as i32;
+                match outcome {
+                    Ok(s) if s == want => {
+                        lat.push(t.elapsed().as_secs_f64() * 1_000.0);
+                        compensated += u64::from(fail);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (lat, compensated)
+        }));
+    }
+    let progress = {
+        let (done, errors) = (done.clone(), errors.clone());
+        tokio::spawn(async move {
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = done.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "  [c={c}] {secs:>5.1}s {n:>8} sagas {:>8.1}/s errors {}",
+                    n as f64 / secs,
+                    errors.load(Ordering::Relaxed)
+                );
+            }
+        })
+    };
+    let mut lat = Vec::new();
+    let mut compensated = 0;
+    for t in tasks {
+        let (l, comp) = t.await?;
+        lat.extend(l);
+        compensated += comp;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.abort();
+    let cpu = match (cpu_before, sagad.cpu_secs()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let after = settled_stats(pool).await?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let sagas = lat.len() as u64;
+    let per = |x: i64| {
+        if sagas == 0 {
+            0.0
+        } else {
+            x as f64 / sagas as f64
+        }
+    };
+    // Our own two stats reads are commits too.
+    let commits_per_saga = per(after.commits - before.commits - 2);
+    let ceiling = if args.no_ceiling {
+        None
+    } else {
+        Some(commit_ceiling(pool, c, args.duration_secs.min(5.0)).await?)
+    };
+    let sagas_per_sec = sagas as f64 / seconds;
+    Ok(Level {
+        concurrency: c,
+        sagas,
+        compensated,
+        errors: errors.load(Ordering::Relaxed),
+        seconds,
+        sagas_per_sec,
+        p50_ms: percentile(&lat, 50.0),
+        p90_ms: percentile(&lat, 90.0),
+        p99_ms: percentile(&lat, 99.0),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        commits_per_saga,
+        rows_per_saga: per(after.rows - before.rows),
+        sagad_cpu_s_per_1000: cpu
+            .filter(|_| sagas > 0)
+            .map(|c| c * 1_000.0 / sagas as f64),
+        ceiling_commits_per_sec: ceiling,
+        ceiling_fraction: ceiling.map(|t| sagas_per_sec * commits_per_saga / t),
+    })
+}
+
+/// Single-row INSERT transactions per second at concurrency `c`.
+async fn commit_ceiling(pool: &PgPool, c: u32, secs: f64) -> anyhow::Result<f64> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_ceiling (id bigserial PRIMARY KEY, v int NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until && n < 10_000_000 {
+                sqlx::query("INSERT INTO bench_ceiling (v) VALUES ($1)")
+                    .bind(i as i32)
+                    .execute(&pool)
+                    .await?;
+                n += 1;
+            }
+            Ok::<u64, sqlx::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    let tps = total as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("TRUNCATE bench_ceiling").execute(pool).await?;
+    Ok(tps)
+}
+
+/// Two panels side by side: sagas/s and p99 latency against concurrency.
+fn chart(levels: &[Level], steps: u32) -> String {
+    let (w, h, pad) = (360.0, 240.0, 48.0);
+    let panel = |x0: f64, title: &str, values: Vec<f64>, unit: &str, color: &str| {
+        let max = values.iter().copied().fold(0.0f64, f64::max).max(1e-9) * 1.15;
+        let n = values.len().max(1) as f64;
+        let bw = (w - 2.0 * pad) / n;
+        let mut s = format!(
+            "<text x='{}' y='20' font-size='14' font-weight='bold'>{title}</text>\
+             <line x1='{}' y1='{}' x2='{}' y2='{}' stroke='#333'/>",
+            x0 + pad,
+            x0 + pad,
+            h - pad,
+            x0 + w - pad,
+            h - pad
+        );
+        for (i, v) in values.iter().enumerate() {
+            let bh = (h - 2.0 * pad) * v / max;
+            let x = x0 + pad + i as f64 * bw + bw * 0.15;
+            s += &format!(
+                "<rect x='{x:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='{color}'/>\
+                 <text x='{:.1}' y='{:.1}' font-size='11' text-anchor='middle'>{v:.1}{unit}</text>\
+                 <text x='{:.1}' y='{:.1}' font-size='11' text-anchor='middle'>c={}</text>",
+                h - pad - bh,
+                bw * 0.7,
+                x + bw * 0.35,
+                h - pad - bh - 4.0,
+                x + bw * 0.35,
+                h - pad + 14.0,
+                levels.get(i).map(|l| l.concurrency).unwrap_or(0)
+            );
+        }
+        s
+    };
+    let tput: Vec<f64> = levels.iter().map(|l| l.sagas_per_sec).collect();
+    let p99: Vec<f64> = levels.iter().map(|l| l.p99_ms).collect();
+    format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{h}' font-family='sans-serif'>\
+         <rect width='100%' height='100%' fill='white'/>{}{}\
+         <text x='{}' y='{}' font-size='11' fill='#555'>{steps}-step sagas; client concurrency on the x axis</text></svg>",
+        2.0 * w,
+        panel(0.0, "completed sagas/s", tput, "", "#2f6fb0"),
+        panel(w, "p99 latency (ms)", p99, "", "#c0602a"),
+        pad,
+        h - 8.0
+    )
+}

@@ -1,0 +1,18 @@
+//! `saga-bench`: how many sagas per second `sagad` completes, at what
+//! latency, and how many PostgreSQL commits and rows each costs, beside the
+//! raw commit ceiling of the same database. Thin: the work is in
+//! `saga_coordinator::bench`.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = saga_coordinator::bench::Args::parse();
+    match saga_coordinator::bench::run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saga-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

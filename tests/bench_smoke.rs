@@ -1,0 +1,52 @@
+//! A small run of `saga-bench` (one level, a second, low concurrency) so it
+//! keeps working; the figures themselves live in the README, not in tests.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+#[tokio::test]
+async fn saga_bench_runs_and_writes_its_report() {
+    let db = common::TestDb::new().await;
+    let out = std::env::temp_dir().join(format!("saga-bench-{}", uuid::Uuid::new_v4()));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
+    cmd.args([
+        "--database-url",
+        &db.url,
+        "--concurrency",
+        "2",
+        "--duration-secs",
+        "1",
+        "--fail-fraction",
+        "0.25",
+    ])
+    .arg("--sagad-bin")
+    .arg(env!("CARGO_BIN_EXE_sagad"))
+    .arg("--out")
+    .arg(&out);
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let level = &report["levels"][0];
+    assert_eq!(level["concurrency"], 2);
+    assert_eq!(level["errors"], 0);
+    assert!(level["sagas"].as_u64().unwrap() > 0);
+    assert!(
+        level["compensated"].as_u64().unwrap() > 0,
+        "a quarter of the sagas compensate"
+    );
+    assert!(level["commits_per_saga"].as_f64().unwrap() > 0.0);
+    assert!(level["ceiling_commits_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(out.join("chart.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(&out);
+}
