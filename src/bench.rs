@@ -55,6 +55,9 @@ pub struct Args {
     /// Where to write results.json and chart.svg.
     #[arg(long, default_value = "bench-results")]
     pub out: std::path::PathBuf,
+    /// Seconds of unmeasured warm-up (concurrency 1) before the first level.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_secs: f64,
     /// Skip the raw commit ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,
@@ -317,9 +320,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
         .await?;
 
+    if args.warmup_secs > 0.0 {
+        let warm = Args {
+            duration_secs: args.warmup_secs,
+            ..args.clone()
+        };
+        run_level(&warm, &sagad, &pool, channel.clone(), &name, 1).await?;
+    }
     let mut levels = Vec::new();
     for &c in &args.concurrency {
-        let level = run_level(&args, &sagad, &pool, channel.clone(), &name, c.max(1)).await?;
+        levels.push(run_level(&args, &sagad, &pool, channel.clone(), &name, c.max(1)).await?);
+    }
+    // The ceilings run after every saga level: statistics of idle backends
+    // reach pg_stat_database late, and the ceiling's inserts must not leak
+    // into a saga level's figures.
+    if !args.no_ceiling {
+        for level in levels.iter_mut() {
+            let t = commit_ceiling(&pool, level.concurrency, args.duration_secs.min(5.0)).await?;
+            level.ceiling_commits_per_sec = Some(t);
+            level.ceiling_fraction = Some(level.sagas_per_sec * level.commits_per_saga / t);
+        }
+    }
+    for level in &levels {
         println!(
             "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu {}  ceiling {}  errors {}",
             level.concurrency,
@@ -337,7 +359,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             },
             level.errors,
         );
-        levels.push(level);
     }
     std::fs::create_dir_all(&args.out)?;
     let report = serde_json::json!({
@@ -492,11 +513,6 @@ async fn run_level(
     };
     // Our own two stats reads are commits too.
     let commits_per_saga = per(after.commits - before.commits - 2);
-    let ceiling = if args.no_ceiling {
-        None
-    } else {
-        Some(commit_ceiling(pool, c, args.duration_secs.min(5.0)).await?)
-    };
     let sagas_per_sec = sagas as f64 / seconds;
     Ok(Level {
         concurrency: c,
@@ -514,8 +530,8 @@ async fn run_level(
         sagad_cpu_s_per_1000: cpu
             .filter(|_| sagas > 0)
             .map(|c| c * 1_000.0 / sagas as f64),
-        ceiling_commits_per_sec: ceiling,
-        ceiling_fraction: ceiling.map(|t| sagas_per_sec * commits_per_saga / t),
+        ceiling_commits_per_sec: None,
+        ceiling_fraction: None,
     })
 }
 

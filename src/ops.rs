@@ -1,7 +1,9 @@
 //! Operations shared by the gRPC API and the admin HTTP server: reading
 //! sagas with their definitions, and the operator actions.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::api::ApiError;
 use crate::domain::{decide, Definition, Fact, Saga, SagaId, SagaState, ValidationError};
@@ -45,6 +47,13 @@ impl OperatorKind {
     }
 }
 
+/// How long "the latest version of a definition" is taken from the cache.
+/// A version registered through another coordinator is seen after at most
+/// this long; one registered through this one at once.
+const LATEST_TTL: Duration = Duration::from_secs(1);
+
+type LatestCache = Arc<Mutex<HashMap<String, (Instant, Arc<Definition>)>>>;
+
 /// Reads and operator actions over the store, with the worker's definition
 /// cache and clock.
 #[derive(Clone)]
@@ -55,9 +64,54 @@ pub struct Ops {
     pub worker: Arc<Worker>,
     /// Counts operator resolutions.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Latest version per definition name.
+    pub latest: LatestCache,
 }
 
 impl Ops {
+    /// Reads and operator actions over `store`.
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        worker: Arc<Worker>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Ops {
+            store,
+            worker,
+            metrics,
+            latest: Arc::default(),
+        }
+    }
+
+    /// A definition by name and version (`None` = latest), from the caches
+    /// where possible: versions never change, and "latest" is re-read after
+    /// [`LATEST_TTL`].
+    pub async fn definition_for_start(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<Arc<Definition>>, ApiError> {
+        if let Some(v) = version {
+            return Ok(self.worker.definition(name, v).await?);
+        }
+        if let Some((at, d)) = lock(&self.latest).get(name) {
+            if at.elapsed() < LATEST_TTL {
+                return Ok(Some(d.clone()));
+            }
+        }
+        let Some((def, _)) = self.store.definition_get(name, None).await? else {
+            return Ok(None);
+        };
+        let def = Arc::new(def);
+        self.remember_latest(def.clone());
+        Ok(Some(def))
+    }
+
+    /// Records `def` as the latest version of its name (after registering).
+    pub fn remember_latest(&self, def: Arc<Definition>) {
+        lock(&self.latest).insert(def.name.clone(), (Instant::now(), def));
+    }
+
     /// A definition version, or NOT_FOUND.
     pub async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, ApiError> {
         self.worker
@@ -138,4 +192,8 @@ impl Ops {
             "saga {id} kept changing; try again"
         )))
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

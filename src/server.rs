@@ -85,6 +85,9 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
     let pool = PgPoolOptions::new()
         .max_connections(cfg.db_connections_max)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping round trip before every query: a broken connection fails
+        // its query, the saga's lease expires and another attempt follows.
+        .test_before_acquire(false)
         .connect(url)
         .await
         .map_err(db_err)?;
@@ -168,11 +171,7 @@ pub async fn start(
         abandon.clone(),
         metrics.clone(),
     );
-    let ops = Ops {
-        store: store.clone(),
-        worker: worker.clone(),
-        metrics: metrics.clone(),
-    };
+    let ops = Ops::new(store.clone(), worker.clone(), metrics.clone());
     let stuck = StuckRule {
         idle_for: Duration::from_millis(cfg.stuck_after_ms),
         attempts_min: cfg.stuck_attempts,

@@ -18,6 +18,8 @@ async fn saga_bench_runs_and_writes_its_report() {
         "1",
         "--fail-fraction",
         "0.25",
+        "--warmup-secs",
+        "0",
     ])
     .arg("--sagad-bin")
     .arg(env!("CARGO_BIN_EXE_sagad"))

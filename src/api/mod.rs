@@ -130,9 +130,9 @@ impl CoordinatorApi {
         };
         let input = self.json_input("input_json", r.input_json)?;
         let version = (r.version != 0).then_some(r.version);
-        let (def, _) = self
-            .store
-            .definition_get(&r.definition, version)
+        let def = self
+            .ops
+            .definition_for_start(&r.definition, version)
             .await?
             .ok_or_else(|| match version {
                 Some(v) => ApiError::NotFound(format!("definition {}@{v} not found", r.definition)),
@@ -146,7 +146,7 @@ impl CoordinatorApi {
             .store
             .saga_create(NewSaga {
                 id,
-                definition: def.clone(),
+                definition: (*def).clone(),
                 input: input.clone(),
                 owner,
             })
@@ -207,6 +207,28 @@ impl CoordinatorApi {
             .unwrap_or(self.cfg.wait_default)
             .min(self.cfg.wait_max);
         let until = tokio::time::Instant::now() + timeout;
+        // Driven here: the worker hands over the settled saga, no reads.
+        if let Some(mut local) = self.worker.watch_local(id) {
+            let settled = tokio::time::timeout_at(until, async {
+                loop {
+                    if let Some(s) = local.borrow_and_update().clone() {
+                        return Some(s);
+                    }
+                    if local.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            });
+            tokio::select! {
+                r = settled => {
+                    if let Ok(Some(saga)) = r {
+                        return self.saga_out(&saga).await;
+                    }
+                    // Timed out, or no longer driven here: read below.
+                }
+                _ = self.stop.cancelled() => {}
+            }
+        }
         // Subscribe before reading, so a change between the read and the
         // wait is not missed.
         let mut rx = self.settled.subscribe();
@@ -385,6 +407,7 @@ impl CoordinatorService for CoordinatorApi {
             let draft = convert::definition_in(r.into_inner().definition)?;
             let def = draft.validate(&self.cfg.defaults)?;
             let (def, created) = self.store.definition_register(def).await?;
+            self.ops.remember_latest(Arc::new(def.clone()));
             let (_, created_at) = self
                 .store
                 .definition_get(&def.name, Some(def.version))

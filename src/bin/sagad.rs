@@ -1,6 +1,11 @@
 //! `sagad`: parse flags, set up logging, run the coordinator.
 
 use clap::Parser;
+
+// glibc's malloc was about 13% of sagad's CPU under load (perf); mimalloc
+// keeps small, short-lived allocations per thread.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use saga_coordinator::{config::Config, server};
 
 #[tokio::main]

@@ -35,14 +35,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use clock::DbClock;
 
-use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga};
+use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga, SagaId};
 use crate::metrics::Metrics;
 use crate::participant::{Invocation, Participants};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
@@ -71,6 +71,11 @@ pub struct Worker {
     cfg: WorkerConfig,
     clock: DbClock,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
+    /// Sagas driven by this process, for local `WaitSaga` callers.
+    local: Mutex<HashMap<SagaId, LocalWatch>>,
+    /// Sagas that reached a terminal state here lately: a `WaitSaga` that
+    /// arrives just after needs no read.
+    recent: Mutex<Recent>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     wake: Notify,
@@ -93,6 +98,8 @@ impl Worker {
     ) -> Arc<Self> {
         Arc::new(Worker {
             metrics,
+            local: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
             permits: Arc::new(Semaphore::new(cfg.sagas_max.max(1))),
             store,
             participants,
@@ -149,14 +156,57 @@ impl Worker {
     /// Drives a saga this process holds the lease of, in its own task.
     pub fn spawn_drive(self: &Arc<Self>, saga: Saga, lease: Lease, permit: OwnedSemaphorePermit) {
         let span = tracing::info_span!("saga", saga_id = %saga.id, epoch = lease.epoch);
+        let id = saga.id;
+        let (tx, _) = watch::channel(None);
+        lock(&self.local).insert(id, tx);
         let this = self.clone();
         self.tasks.spawn(
             async move {
-                this.drive(saga, lease).await;
+                let last = this.drive(saga, lease).await;
+                // Hand a settled saga to local waiters; dropping the sender
+                // tells them to read the database instead.
+                if let Some(tx) = lock(&this.local).remove(&id) {
+                    if last.state.is_settled() {
+                        let last = Arc::new(last);
+                        // Only terminal states never change again; a
+                        // SUSPENDED saga may be retried or aborted by an
+                        // operator through any coordinator.
+                        if last.state.is_terminal() {
+                            this.remember_terminal(last.clone());
+                        }
+                        tx.send_replace(Some(last));
+                    }
+                }
                 drop(permit);
             }
             .instrument(span),
         );
+    }
+
+    /// For a saga this process drives right now, or finished (terminal)
+    /// here in the last few seconds: a receiver that has or gets its settled
+    /// state (and closes if the saga stops being driven here before that).
+    pub fn watch_local(&self, id: SagaId) -> Option<watch::Receiver<Option<Arc<Saga>>>> {
+        if let Some(tx) = lock(&self.local).get(&id) {
+            return Some(tx.subscribe());
+        }
+        let recent = lock(&self.recent);
+        let saga = recent.by_id.get(&id)?.clone();
+        Some(watch::channel(Some(saga)).1)
+    }
+
+    fn remember_terminal(&self, saga: Arc<Saga>) {
+        let mut recent = lock(&self.recent);
+        let now = std::time::Instant::now();
+        while let Some((at, old)) = recent.order.front().copied() {
+            if now.duration_since(at) < RECENT_KEEP && recent.order.len() < RECENT_MAX {
+                break;
+            }
+            recent.order.pop_front();
+            recent.by_id.remove(&old);
+        }
+        recent.order.push_back((now, saga.id));
+        recent.by_id.insert(saga.id, saga);
     }
 
     /// Claims due sagas until `stop`: woken by notifications, local timers
@@ -229,7 +279,13 @@ impl Worker {
     }
 
     /// Drives one saga until it settles, waits, or the lease is lost.
-    async fn drive(self: &Arc<Self>, mut saga: Saga, mut lease: Lease) {
+    async fn drive(self: &Arc<Self>, mut saga: Saga, lease: Lease) -> Saga {
+        self.drive_saga(&mut saga, lease).await;
+        saga
+    }
+
+    /// The loop of [`Worker::drive`]; `saga` is left as last saved.
+    async fn drive_saga(self: &Arc<Self>, saga: &mut Saga, mut lease: Lease) {
         let def = match self.definition(&saga.definition, saga.version).await {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -244,7 +300,7 @@ impl Worker {
             }
         };
         loop {
-            let fact = match plan(&saga, &def, self.clock.now()) {
+            let fact = match plan(saga, &def, self.clock.now()) {
                 // Only right after a claim: every write below that leads
                 // here has already released the lease.
                 Plan::Idle => return self.release(&lease).await,
@@ -265,14 +321,12 @@ impl Worker {
                     }
                     if pre_write {
                         let started = Fact::AttemptStarted { step };
-                        if self.apply(&mut saga, &def, &mut lease, started).await
-                            != Some(Held::Kept)
-                        {
+                        if self.apply(saga, &def, &mut lease, started).await != Some(Held::Kept) {
                             return;
                         }
                     }
                     match self
-                        .invoke(&saga, &def, &mut lease, step, phase, attempt)
+                        .invoke(saga, &def, &mut lease, step, phase, attempt)
                         .await
                     {
                         Some(fact) => fact,
@@ -282,7 +336,7 @@ impl Worker {
             };
             // Once a write released the saga, this task must not touch it
             // again: another claim may already be driving it.
-            match self.apply(&mut saga, &def, &mut lease, fact).await {
+            match self.apply(saga, &def, &mut lease, fact).await {
                 Some(Held::Kept) => {}
                 Some(Held::Released(Some(until))) => return self.wake_at(until),
                 Some(Held::Released(None)) | None => return,
@@ -456,6 +510,18 @@ impl Worker {
             }
         });
     }
+}
+
+type LocalWatch = watch::Sender<Option<Arc<Saga>>>;
+
+/// How long, and how many, settled sagas are kept for late local waiters.
+const RECENT_KEEP: Duration = Duration::from_secs(5);
+const RECENT_MAX: usize = 100_000;
+
+#[derive(Default)]
+struct Recent {
+    by_id: HashMap<SagaId, Arc<Saga>>,
+    order: std::collections::VecDeque<(std::time::Instant, SagaId)>,
 }
 
 /// How a write left the lease.
