@@ -85,9 +85,10 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
     let pool = PgPoolOptions::new()
         .max_connections(cfg.db_connections_max)
         .acquire_timeout(Duration::from_secs(5))
-        // No ping round trip before every query: a broken connection fails
-        // its query, the saga's lease expires and another attempt follows.
-        .test_before_acquire(false)
+        // sqlx pings a connection before handing it out (its default). That
+        // costs a round trip per query, but without it every pooled
+        // connection fails one query after a database restart (the /readyz
+        // test caught it). TODO-perf: ping only connections idle a while.
         .connect(url)
         .await
         .map_err(db_err)?;
