@@ -1,5 +1,5 @@
 //! The admin page in a real headless Chromium (Debian's `chromium` and
-//! `chromium-driver`, installed by `.ci/run`), driven over WebDriver: an
+//! `chromium-driver`, installed by `scripts/test`), driven over WebDriver: an
 //! operator finds a suspended saga, logs in, retries it and sees it finish;
 //! a saga whose input holds a `<script>` shows it as text.
 //!
@@ -40,7 +40,7 @@ async fn chromedriver() -> Driver {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start chromedriver ({e}): install Debian's chromium and chromium-driver (.ci/run does)"));
+        .unwrap_or_else(|e| panic!("cannot start chromedriver ({e}): install Debian's chromium and chromium-driver (scripts/test does)"));
     let driver = Driver(child, port);
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
