@@ -47,6 +47,30 @@ impl From<sqlx::Error> for StepError {
     }
 }
 
+/// Inserts a barrier record unless one exists for (saga, step, phase);
+/// returns whether it was inserted. Waits while a racing transaction holds
+/// the same key.
+async fn mark(
+    tx: &mut PgConnection,
+    saga: &str,
+    step: &str,
+    phase: &str,
+    state: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(saga)
+    .bind(step)
+    .bind(phase)
+    .bind(state)
+    .execute(tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
 /// The barrier over one PostgreSQL pool.
 #[derive(Debug, Clone)]
 pub struct Barrier {
@@ -83,16 +107,8 @@ impl Barrier {
         }
         let saga = ctx.saga_id.to_string();
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'action', 'done')
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&saga)
-        .bind(&ctx.step)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        let inserted = mark(&mut tx, &saga, &ctx.step, "action", "done").await?;
+        if !inserted {
             let row = sqlx::query("SELECT state, output FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
                 .bind(&saga)
                 .bind(&ctx.step)
@@ -141,31 +157,15 @@ impl Barrier {
         }
         let saga = ctx.saga_id.to_string();
         let mut tx = self.pool.begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'compensation', 'done')
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&saga)
-        .bind(&ctx.step)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if first == 0 {
+        let first = mark(&mut tx, &saga, &ctx.step, "compensation", "done").await?;
+        if !first {
             tx.rollback().await?;
             return Ok(());
         }
         // Blocks while a racing action holds its row, then either sees it
         // (the action ran: compensate it) or plants 'skipped' (it never will).
-        let null = sqlx::query(
-            "INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES ($1, $2, 'action', 'skipped')
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&saga)
-        .bind(&ctx.step)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if null == 0 {
+        let null = mark(&mut tx, &saga, &ctx.step, "action", "skipped").await?;
+        if !null {
             f(&mut tx).await?;
         } else {
             tracing::info!(saga_id = %saga, step = %ctx.step, "null compensation: the action never ran here");
