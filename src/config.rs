@@ -68,6 +68,13 @@ pub struct Config {
     /// Database connections of this process.
     #[arg(long, env = "SAGAD_DB_CONNECTIONS_MAX", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1_000))]
     pub db_connections_max: u32,
+    /// Connections that batch saga creations and decisions into one
+    /// statement each (group commit); in addition to the pool above.
+    #[arg(long, env = "SAGAD_DB_WRITE_LANES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub db_write_lanes: u32,
+    /// Threads running the coordinator (0: one per CPU core).
+    #[arg(long, env = "SAGAD_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_024))]
+    pub worker_threads: u32,
     /// How long registered participant endpoints are cached.
     #[arg(long, env = "SAGAD_DISCOVERY_CACHE_MS", default_value_t = 1_000)]
     pub discovery_cache_ms: u64,

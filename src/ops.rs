@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::ApiError;
-use crate::domain::{decide, Definition, Fact, Saga, SagaId, SagaState, ValidationError};
+use crate::domain::{
+    assume_unrecorded, decide, Definition, Fact, Saga, SagaId, SagaState, ValidationError,
+};
 use crate::store::{SagaRecord, SagaStore, StoreError};
 use crate::worker::Worker;
 
@@ -163,7 +165,13 @@ impl Ops {
                 OperatorKind::Abort => Fact::OperatorAbort { actor, note },
                 OperatorKind::Resolve => Fact::OperatorResolve { actor, note },
             };
-            let decision = decide(&rec.saga, &def, fact, self.worker.db_now(), rand::random())?;
+            // A saga with an owner (driving it now, or gone without giving it
+            // back) may be further on than its record shows.
+            let mut saga = rec.saga.clone();
+            if rec.owner.is_some() {
+                assume_unrecorded(&mut saga, &def);
+            }
+            let decision = decide(&saga, &def, fact, self.worker.db_now(), rand::random())?;
             let settled = decision.settled_now(rec.saga.state);
             // "Retry now" of a saga a coordinator is driving has nothing to
             // hurry and must not fence out its call in flight.

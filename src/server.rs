@@ -143,7 +143,10 @@ pub async fn start(
             "--admin-token must be at least 16 characters".into(),
         ));
     }
-    let store: Arc<dyn SagaStore> = Arc::new(PgStore::new(pool.clone()));
+    let store: Arc<dyn SagaStore> = Arc::new(PgStore::with_write_lanes(
+        pool.clone(),
+        cfg.db_write_lanes as usize,
+    ));
     let metrics = Arc::new(Metrics::default());
     let payload_bytes_max = usize::try_from(cfg.payload_bytes_max).unwrap_or(usize::MAX);
     let participants = Participants::new(
@@ -245,8 +248,11 @@ pub async fn start(
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(usize::MAX),
         )
+        // Accepted sockets get TCP_NODELAY only through TcpIncoming (a
+        // plain listener stream leaves Nagle on: replies then wait for ACKs).
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
+                .map_err(|e| Error::Config(format!("gRPC listener: {e}")))?,
             stop.clone().cancelled_owned(),
         );
     let grpc = tokio::spawn(grpc);
@@ -329,8 +335,11 @@ async fn listen(
             match n {
                 Ok(Some(n)) if n.channel() == CHANNEL_DUE => worker.wake(),
                 Ok(Some(n)) => {
-                    if let Ok(id) = Uuid::parse_str(n.payload()) {
-                        let _ = settled.send(id);
+                    // One id, or several separated by commas (batched writes).
+                    for id in n.payload().split(',') {
+                        if let Ok(id) = Uuid::parse_str(id) {
+                            let _ = settled.send(id);
+                        }
                     }
                 }
                 Ok(None) => {

@@ -62,11 +62,15 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
         svc.effects().values().all(|n| *n == 1),
         "no effect happened twice"
     );
-    assert_eq!(
-        svc.calls_to("a.do").len(),
-        1,
-        "a's recorded success is not redone"
-    );
+    // a's success was not written before b was called (an idempotent
+    // step's result waits for the next write), so the second coordinator
+    // invokes a again, with the same key: the barrier gives its first
+    // result back and nothing happens twice.
+    let a_calls = svc.calls_to("a.do");
+    assert_eq!(a_calls.len(), 2);
+    assert!(a_calls
+        .iter()
+        .all(|c| c.req.idempotency_key == format!("{}/a/action", saga.saga_id)));
     assert_eq!(svc.calls_to("c.do").len(), 1);
     let k = kinds(&events(&mut c2, &saga.saga_id).await);
     assert_eq!(
@@ -74,6 +78,63 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
         3,
         "{k:?}"
     );
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn steps_a_lost_coordinator_reached_without_writing_are_compensated() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    cfg.lease_ttl_ms = 1_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c1 = first.client().await;
+    register(
+        &mut c1,
+        definition(
+            "abc",
+            vec![
+                step("a", "svc", true, true),
+                step("b", "svc", true, true),
+                step("c", "svc", true, true),
+            ],
+        ),
+    )
+    .await;
+    // The first coordinator gets a and b done (results not written yet:
+    // idempotent results wait for the next write) and dies calling c.
+    // Then b's service goes down for the second coordinator.
+    let (_gate, gate_rx) = watch::channel(false);
+    svc.script("c.do", vec![Reply::Block(gate_rx, "{}".into())]);
+    svc.script(
+        "b.do",
+        vec![
+            Reply::Succeed("{}".into()),
+            Reply::Status(tonic::Code::Unavailable),
+            Reply::Status(tonic::Code::Unavailable),
+            Reply::Status(tonic::Code::Unavailable),
+        ],
+    );
+    let saga = start(&mut c1, "abc", "{}").await;
+    svc.wait_calls("c.do", 1).await;
+    first.crash().await;
+
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    let done = wait(&mut c2, &saga.saga_id).await;
+    assert_eq!(state(&done), SagaState::Compensated);
+    // The record showed only the start, so the second coordinator assumed
+    // the first may have reached every step up to the next one that needs a
+    // write (here: all of them). c, never answered, is compensated too.
+    let undos: Vec<String> = svc
+        .handlers()
+        .into_iter()
+        .filter(|h| h.ends_with(".undo"))
+        .collect();
+    assert_eq!(undos, vec!["c.undo", "b.undo", "a.undo"]);
+    assert_eq!(svc.calls_to("a.do").len(), 2, "a invoked again, same key");
     second.shutdown().await;
 }
 

@@ -272,3 +272,77 @@ async fn concurrent_claims_never_hand_out_the_same_saga() {
     all.dedup();
     assert_eq!((n, all.len()), (40, 40), "each saga claimed exactly once");
 }
+
+#[tokio::test]
+async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
+    let (_db, store, def) = setup().await;
+    let owner = OwnerId(uuid::Uuid::new_v4());
+    let ttl = Duration::from_secs(60);
+    let mut held = Vec::new();
+    for i in 0..64 {
+        let created = store
+            .saga_create(NewSaga {
+                id: SagaId(uuid::Uuid::new_v4()),
+                definition: def.clone(),
+                input: i.to_string(),
+                owner: Some((owner, ttl)),
+            })
+            .await
+            .unwrap();
+        let Created::New(saga, Some(lease), at) = created else {
+            panic!("created without a lease")
+        };
+        held.push((saga, lease, at));
+    }
+    // One owner's lease is stale (its epoch moved on): only its write fails.
+    held[7].1.epoch += 1;
+    let stale = held[7].0.id;
+    let (requests_before, statements_before) = store.write_stats();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (saga, lease, at) in held {
+        let (store, def) = (store.clone(), def.clone());
+        tasks.spawn(async move {
+            let fact = Fact::Invoked {
+                step: 0,
+                phase: Phase::Action,
+                attempt: 1,
+                result: CallResult::Succeeded(Some(format!("{{\"n\":{}}}", saga.input))),
+            };
+            let d = decide(&saga, &def, fact, at, 0.0).unwrap();
+            (
+                saga.id,
+                store.saga_save(&lease, &d, false, Hold::Keep(ttl)).await,
+            )
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.unwrap());
+    }
+    for (id, result) in &results {
+        let events = store.saga_events(*id).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let rec = store.saga_get(*id).await.unwrap().unwrap();
+        if *id == stale {
+            assert!(matches!(result, Err(StoreError::LeaseLost)), "{result:?}");
+            assert_eq!(kinds, vec!["started"]);
+            assert_eq!(rec.saga.steps[0].output, None);
+        } else {
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(kinds, vec!["started", "step_succeeded"]);
+            assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+            assert_eq!(
+                rec.saga.steps[0].output.as_deref(),
+                Some(format!("{{\"n\":{}}}", rec.saga.input).as_str()),
+                "each saga got its own decision"
+            );
+        }
+    }
+    let (requests, statements) = store.write_stats();
+    let (requests, statements) = (requests - requests_before, statements - statements_before);
+    assert_eq!(requests, 64);
+    assert!(
+        statements < requests,
+        "64 concurrent decisions share statements (group commit): {statements} statements"
+    );
+}

@@ -157,7 +157,7 @@ impl CoordinatorApi {
                 self.metrics.saga_started();
                 let out = convert::saga_out(&saga, &def);
                 if let (Some(lease), Some(permit)) = (lease, permit) {
-                    self.worker.spawn_drive(saga, lease, permit);
+                    self.worker.spawn_drive(saga, lease, false, permit);
                 }
                 Ok(proto::StartSagaResponse {
                     saga: Some(out),

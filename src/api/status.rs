@@ -50,9 +50,10 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::Aborted(m) => Status::aborted(m),
-            ApiError::Store(StoreError::Database(e)) if is_unavailable(&e) => {
-                tracing::error!(error = %e, "database unavailable");
-                Status::new(Code::Unavailable, "database unavailable; try again")
+            ApiError::Store(StoreError::Database(e)) if is_unavailable(&e) => unavailable(&e),
+            ApiError::Store(StoreError::Shared(e)) if is_unavailable(&e) => unavailable(&e),
+            ApiError::Store(StoreError::Stopped) => {
+                Status::new(Code::Unavailable, "coordinator shutting down; try another")
             }
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "internal error");
@@ -60,6 +61,11 @@ impl From<ApiError> for Status {
             }
         }
     }
+}
+
+fn unavailable(e: &sqlx::Error) -> Status {
+    tracing::error!(error = %e, "database unavailable");
+    Status::new(Code::Unavailable, "database unavailable; try again")
 }
 
 fn is_unavailable(e: &sqlx::Error) -> bool {

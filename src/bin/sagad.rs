@@ -8,8 +8,22 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use saga_coordinator::{config::Config, server};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let cfg = Config::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        rt.worker_threads(cfg.worker_threads as usize);
+    }
+    match rt.enable_all().build() {
+        Ok(rt) => rt.block_on(run(cfg)),
+        Err(e) => {
+            eprintln!("sagad: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -17,7 +31,6 @@ async fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .init();
-    let cfg = Config::parse();
     match server::run(cfg).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

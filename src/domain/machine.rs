@@ -90,6 +90,9 @@ pub struct EventRecord {
     pub attempt: u32,
     /// For people.
     pub detail: String,
+    /// When the decision was made (database clock, as the deciding
+    /// coordinator estimates it): a deferred decision is written later.
+    pub at: DateTime<Utc>,
 }
 
 /// The event kinds written to the history.
@@ -225,6 +228,82 @@ fn plan_forward(saga: &Saga, def: &Definition, now: DateTime<Utc>) -> Plan {
     }
 }
 
+/// Whether step `k`'s action may be invoked only once everything before it
+/// is durable: a non-idempotent action (its pre-write), and the pivot (a
+/// crash must never lose the results that let the saga still compensate).
+fn durable_before(def: &Definition, k: usize) -> bool {
+    def.steps.get(k).is_none_or(|s| !s.idempotent) || def.pivot() == Some(k)
+}
+
+/// Whether `fact` is an answer to an idempotent action: the only kind of
+/// decision a worker may keep in memory for a while (see [`may_defer`]).
+pub fn deferrable(fact: &Fact, def: &Definition) -> bool {
+    matches!(fact, Fact::Invoked { step, phase: Phase::Action, .. }
+        if def.steps.get(*step).is_some_and(|s| s.idempotent))
+}
+
+/// Whether a decision on a [`deferrable`] fact, which left the saga `after`
+/// with `next` to do, may stay unwritten until the next write of the saga.
+///
+/// DESIGN.md asks for durability only where losing a decision would break a
+/// contract. An idempotent action's result is not such a place: after a
+/// crash the action is invoked again with the same key. So while the saga
+/// keeps running and the next call is another idempotent action before the
+/// pivot (or any action with a pre-write, which then carries the deferred
+/// results), the write waits. State changes, waits, compensation and the
+/// end are always written, and so is everything before the pivot is
+/// invoked. After a crash, [`assume_unrecorded`] widens what may have taken
+/// effect to every step the lost coordinator could have reached.
+pub fn may_defer(def: &Definition, before: SagaState, after: &Saga, next: &Plan) -> bool {
+    if before != SagaState::Running || after.state != SagaState::Running {
+        return false;
+    }
+    match *next {
+        Plan::Invoke {
+            step,
+            phase: Phase::Action,
+            pre_write,
+            ..
+        } => pre_write || !durable_before(def, step),
+        _ => false,
+    }
+}
+
+/// The steps a coordinator that stopped without writing may have invoked
+/// beyond what `saga` (as stored) shows: from the current step up to, not
+/// including, the next step that needed a write before its call.
+pub fn unrecorded_window(saga: &Saga, def: &Definition) -> std::ops::Range<usize> {
+    let Some(c) = current_step(saga).filter(|_| saga.state == SagaState::Running) else {
+        return 0..0;
+    };
+    if !def.steps.get(c).is_some_and(|s| s.idempotent) {
+        // A non-idempotent step's start and result are always written.
+        return c..c;
+    }
+    let end = (c + 1..saga.steps.len())
+        .find(|&k| durable_before(def, k))
+        .unwrap_or(saga.steps.len());
+    c..end
+}
+
+/// For a saga whose last owner stopped without giving it back (its
+/// unwritten decisions are lost): marks every step in
+/// [`unrecorded_window`] that the record shows `PENDING` as `RUNNING`, "may
+/// have taken effect". Going forward they are invoked again with the same
+/// keys (idempotent), and if the saga compensates they are compensated (a
+/// null compensation where they never ran). Returns the marked steps.
+pub fn assume_unrecorded(saga: &mut Saga, def: &Definition) -> Vec<usize> {
+    let window = unrecorded_window(saga, def);
+    let mut marked = Vec::new();
+    for i in window {
+        if saga.steps[i].state == StepState::Pending {
+            saga.steps[i].state = StepState::Running;
+            marked.push(i);
+        }
+    }
+    marked
+}
+
 /// Applies `fact` to `saga`. `jitter` is a uniform draw from `[0, 1)`.
 pub fn decide(
     saga: &Saga,
@@ -298,6 +377,7 @@ impl Draft<'_> {
             step,
             attempt,
             detail,
+            at: self.now,
         });
     }
 

@@ -401,7 +401,21 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
     };
     let mut t = now();
     let mut mem = stored.clone();
+    // Memory holds decisions the store lacks (deferred, or recovery marks).
+    let mut dirty = false;
     let mut operator_actions = 0;
+    let trace = std::env::var_os("SIM_TRACE").is_some();
+    // A crash: memory is lost; the next owner reads the store and assumes
+    // that steps the lost owner could have reached without a write ran.
+    let crash = |stored: &Saga, dirty: &mut bool| {
+        let mut mem = stored.clone();
+        let marked = assume_unrecorded(&mut mem, &d);
+        if trace && !marked.is_empty() {
+            eprintln!("recovery marks {marked:?} as may have taken effect");
+        }
+        *dirty = !marked.is_empty();
+        mem
+    };
     for _round in 0..500 {
         match plan(&mem, &d, t) {
             Plan::Idle if mem.state == SagaState::Suspended && operator_actions < 3 => {
@@ -436,6 +450,11 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                 if until <= t {
                     return Err(format!("wait for the past: {until} <= {t}"));
                 }
+                // Giving the saga back writes what memory holds.
+                if dirty {
+                    stored = mem.clone();
+                    dirty = false;
+                }
                 t = until;
             }
             p => {
@@ -453,12 +472,13 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                                 .map_err(|e| e.to_string())?
                                 .saga;
                             stored = mem.clone();
+                            dirty = false;
                             if rng.below(10) == 0 {
-                                if std::env::var_os("SIM_TRACE").is_some() {
+                                if trace {
                                     eprintln!("crash after pre-write");
                                 }
                                 // Crash after the pre-write, before the call.
-                                mem = stored.clone();
+                                mem = crash(&stored, &mut dirty);
                                 continue;
                             }
                         }
@@ -486,11 +506,11 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                     ) => {
                         let result = world_call(&mut world, &d, step, phase, &mut rng)?;
                         if rng.below(8) == 0 {
-                            if std::env::var_os("SIM_TRACE").is_some() {
+                            if trace {
                                 eprintln!("crash after call");
                             }
                             // Crash after the call, before its result is saved.
-                            mem = stored.clone();
+                            mem = crash(&stored, &mut dirty);
                             continue;
                         }
                         Fact::Invoked {
@@ -503,13 +523,23 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                     (f, _) => f,
                 };
                 let before = mem.state;
+                let keepable = deferrable(&fact, &d);
                 let dec =
                     decide(&mem, &d, fact, t, rng.unit()).map_err(|e| format!("decide: {e}"))?;
                 if before.is_terminal() {
                     return Err("a terminal state changed".into());
                 }
+                let defer = keepable && may_defer(&d, before, &dec.saga, &plan(&dec.saga, &d, t));
                 mem = dec.saga;
-                stored = mem.clone();
+                if defer {
+                    dirty = true;
+                    if trace {
+                        eprintln!("deferred");
+                    }
+                } else {
+                    stored = mem.clone();
+                    dirty = false;
+                }
             }
         }
         t += chrono::Duration::milliseconds(1);

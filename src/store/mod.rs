@@ -61,6 +61,9 @@ pub struct Claimed {
     pub lease: Lease,
     /// `now()` of the claiming transaction.
     pub db_now: DateTime<Utc>,
+    /// The previous owner's lease ran out (or was dropped at shutdown)
+    /// without it giving the saga back: what it had not written is lost.
+    pub unclean: bool,
 }
 
 /// A saga to create.
@@ -178,6 +181,12 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A database error shared by every request of a batched write.
+    #[error("database error: {0}")]
+    Shared(std::sync::Arc<sqlx::Error>),
+    /// The store is shutting down.
+    #[error("the store is shutting down")]
+    Stopped,
 }
 
 /// Every query the coordinator makes.
@@ -243,7 +252,9 @@ pub trait SagaStore: Send + Sync + 'static {
         -> Result<DateTime<Utc>, StoreError>;
     /// Gives a saga back, due at once, so another coordinator continues it.
     async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError>;
-    /// Gives back every saga `owner` holds (shutdown). Returns how many.
+    /// Ends every lease `owner` holds (shutdown), making those sagas due at
+    /// once; the next claim sees them as unclean (whatever their drivers had
+    /// not written is lost). Returns how many.
     async fn lease_release_all(&self, owner: OwnerId) -> Result<u64, StoreError>;
 
     /// Records that a participant instance is alive for `ttl`.

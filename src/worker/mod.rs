@@ -42,13 +42,20 @@ use tracing::Instrument;
 
 pub use clock::DbClock;
 
-use crate::domain::{decide, plan, Definition, Fact, Phase, Plan, Saga, SagaId};
+use crate::domain::{
+    assume_unrecorded, decide, deferrable, may_defer, plan, Decision, Definition, EventRecord,
+    Fact, Phase, Plan, Saga, SagaId,
+};
 use crate::metrics::Metrics;
 use crate::participant::{Invocation, Participants};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
 
 /// Waits up to this long get a local timer; longer ones rely on the poll.
 const LOCAL_WAKE_MAX: Duration = Duration::from_secs(60);
+
+/// Deferred decisions are written at the latest this long after the first
+/// of them, so the record (and the admin view) never trails a saga by more.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Worker limits and timings.
 #[derive(Debug, Clone)]
@@ -154,7 +161,15 @@ impl Worker {
     }
 
     /// Drives a saga this process holds the lease of, in its own task.
-    pub fn spawn_drive(self: &Arc<Self>, saga: Saga, lease: Lease, permit: OwnedSemaphorePermit) {
+    /// `recovered`: its last owner stopped without giving it back, so
+    /// decisions it had not written yet are lost (see [`assume_unrecorded`]).
+    pub fn spawn_drive(
+        self: &Arc<Self>,
+        saga: Saga,
+        lease: Lease,
+        recovered: bool,
+        permit: OwnedSemaphorePermit,
+    ) {
         let span = tracing::info_span!("saga", saga_id = %saga.id, epoch = lease.epoch);
         let id = saga.id;
         let (tx, _) = watch::channel(None);
@@ -162,7 +177,7 @@ impl Worker {
         let this = self.clone();
         self.tasks.spawn(
             async move {
-                let last = this.drive(saga, lease).await;
+                let last = this.drive(saga, lease, recovered).await;
                 // Hand a settled saga to local waiters; dropping the sender
                 // tells them to read the database instead.
                 if let Some(tx) = lock(&this.local).remove(&id) {
@@ -246,7 +261,7 @@ impl Worker {
             for c in claimed {
                 self.clock.observe(c.db_now);
                 match self.permits.clone().try_acquire_owned() {
-                    Ok(permit) => self.spawn_drive(c.saga, c.lease, permit),
+                    Ok(permit) => self.spawn_drive(c.saga, c.lease, c.unclean, permit),
                     // Cannot happen (we claimed at most `free`), but if it
                     // did, give the saga back rather than hold it idle.
                     Err(_) => {
@@ -279,13 +294,13 @@ impl Worker {
     }
 
     /// Drives one saga until it settles, waits, or the lease is lost.
-    async fn drive(self: &Arc<Self>, mut saga: Saga, lease: Lease) -> Saga {
-        self.drive_saga(&mut saga, lease).await;
+    async fn drive(self: &Arc<Self>, mut saga: Saga, lease: Lease, recovered: bool) -> Saga {
+        self.drive_saga(&mut saga, lease, recovered).await;
         saga
     }
 
     /// The loop of [`Worker::drive`]; `saga` is left as last saved.
-    async fn drive_saga(self: &Arc<Self>, saga: &mut Saga, mut lease: Lease) {
+    async fn drive_saga(self: &Arc<Self>, saga: &mut Saga, mut lease: Lease, recovered: bool) {
         let def = match self.definition(&saga.definition, saga.version).await {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -299,13 +314,25 @@ impl Worker {
                 return;
             }
         };
+        let mut unwritten = Unwritten::default();
+        if recovered {
+            let marked = assume_unrecorded(saga, &def);
+            if !marked.is_empty() {
+                tracing::info!(
+                    steps = ?marked,
+                    "the previous owner stopped without writing: these steps may have taken effect"
+                );
+                unwritten.dirty = true;
+            }
+        }
         loop {
             let fact = match plan(saga, &def, self.clock.now()) {
                 // Only right after a claim: every write below that leads
                 // here has already released the lease.
-                Plan::Idle => return self.release(&lease).await,
+                Plan::Idle => return self.give_back(saga, &lease, &mut unwritten, None).await,
                 Plan::Wait { until } => {
-                    self.release(&lease).await;
+                    self.give_back(saga, &lease, &mut unwritten, Some(until))
+                        .await;
                     return self.wake_at(until);
                 }
                 Plan::DeadlinePassed => Fact::DeadlinePassed,
@@ -317,11 +344,18 @@ impl Worker {
                     pre_write,
                 } => {
                     if self.stop.is_cancelled() {
-                        return self.release(&lease).await;
+                        let now = self.clock.now();
+                        return self
+                            .give_back(saga, &lease, &mut unwritten, Some(now))
+                            .await;
                     }
                     if pre_write {
                         let started = Fact::AttemptStarted { step };
-                        if self.apply(saga, &def, &mut lease, started).await != Some(Held::Kept) {
+                        if self
+                            .apply(saga, &def, &mut lease, started, &mut unwritten)
+                            .await
+                            != Some(Held::Kept)
+                        {
                             return;
                         }
                     }
@@ -336,7 +370,10 @@ impl Worker {
             };
             // Once a write released the saga, this task must not touch it
             // again: another claim may already be driving it.
-            match self.apply(saga, &def, &mut lease, fact).await {
+            match self
+                .apply(saga, &def, &mut lease, fact, &mut unwritten)
+                .await
+            {
                 Some(Held::Kept) => {}
                 Some(Held::Released(Some(until))) => return self.wake_at(until),
                 Some(Held::Released(None)) | None => return,
@@ -400,7 +437,8 @@ impl Worker {
         })
     }
 
-    /// Decides and saves one fact. Returns how the write left the lease, or
+    /// Decides one fact and saves it, or keeps it in memory when
+    /// [`may_defer`] allows. Returns how the lease stands afterwards, or
     /// `None` when this task must stop driving the saga.
     async fn apply(
         &self,
@@ -408,24 +446,48 @@ impl Worker {
         def: &Definition,
         lease: &mut Lease,
         fact: Fact,
+        unwritten: &mut Unwritten,
     ) -> Option<Held> {
         let now = self.clock.now();
         let jitter: f64 = rand::thread_rng().gen();
+        let keepable = deferrable(&fact, def);
         let decision = match decide(saga, def, fact, now, jitter) {
             Ok(d) => d,
             Err(error) => {
                 tracing::error!(%error, "state machine refused a fact; releasing the saga");
-                self.release(lease).await;
+                self.give_back(saga, lease, unwritten, Some(now)).await;
                 return None;
             }
         };
-        let hold = match plan(&decision.saga, def, now) {
+        let next = plan(&decision.saga, def, now);
+        if keepable
+            && !self.stop.is_cancelled()
+            && unwritten
+                .since
+                .is_none_or(|t| t.elapsed() < CHECKPOINT_EVERY)
+            && may_defer(def, saga.state, &decision.saga, &next)
+        {
+            log_events(&decision.events);
+            unwritten.events.extend(decision.events);
+            unwritten.dirty = true;
+            unwritten.since.get_or_insert_with(std::time::Instant::now);
+            *saga = decision.saga;
+            return Some(Held::Kept);
+        }
+        let hold = match next {
             Plan::Idle => Hold::Release(None),
             Plan::Wait { until } => Hold::Release(Some(until)),
             _ if self.stop.is_cancelled() => Hold::Release(Some(now)),
             _ => Hold::Keep(self.cfg.lease_ttl),
         };
         let settled = decision.settled_now(saga.state);
+        log_events(&decision.events);
+        let mut decision = decision;
+        if !unwritten.events.is_empty() {
+            let mut events = std::mem::take(&mut unwritten.events);
+            events.append(&mut decision.events);
+            decision.events = events;
+        }
         match self.store.saga_save(lease, &decision, settled, hold).await {
             Ok(db_now) => {
                 self.clock.observe(db_now);
@@ -435,9 +497,7 @@ impl Worker {
                 if let Hold::Keep(ttl) = hold {
                     lease.until = db_now + to_chrono(ttl);
                 }
-                for e in &decision.events {
-                    tracing::info!(kind = e.kind, step = e.step.as_deref(), attempt = e.attempt, detail = %e.detail, "saga event");
-                }
+                *unwritten = Unwritten::default();
                 *saga = decision.saga;
                 Some(match hold {
                     Hold::Keep(_) => Held::Kept,
@@ -482,6 +542,39 @@ impl Worker {
         }
     }
 
+    /// Gives the saga back, due again at `at`: written whole if memory holds
+    /// anything its record lacks, else a bare lease release.
+    async fn give_back(
+        &self,
+        saga: &Saga,
+        lease: &Lease,
+        unwritten: &mut Unwritten,
+        at: Option<DateTime<Utc>>,
+    ) {
+        if !unwritten.dirty {
+            return self.release(lease).await;
+        }
+        let decision = Decision {
+            saga: saga.clone(),
+            events: std::mem::take(&mut unwritten.events),
+            changed_steps: Vec::new(),
+        };
+        match self
+            .store
+            .saga_save(lease, &decision, false, Hold::Release(at))
+            .await
+        {
+            Ok(db_now) => {
+                self.clock.observe(db_now);
+                *unwritten = Unwritten::default();
+            }
+            Err(StoreError::LeaseLost) => {}
+            Err(error) => {
+                tracing::warn!(%error, "giving a saga back failed; its lease will expire")
+            }
+        }
+    }
+
     async fn release(&self, lease: &Lease) {
         match self.store.lease_release(lease).await {
             Ok(()) | Err(StoreError::LeaseLost) => {}
@@ -522,6 +615,23 @@ const RECENT_MAX: usize = 100_000;
 struct Recent {
     by_id: HashMap<SagaId, Arc<Saga>>,
     order: std::collections::VecDeque<(std::time::Instant, SagaId)>,
+}
+
+/// Decisions made but not written yet (see [`may_defer`]).
+#[derive(Default)]
+struct Unwritten {
+    /// Events of the deferred decisions, in order.
+    events: Vec<EventRecord>,
+    /// The saga in memory differs from its record.
+    dirty: bool,
+    /// When the first of them was made.
+    since: Option<std::time::Instant>,
+}
+
+fn log_events(events: &[EventRecord]) {
+    for e in events {
+        tracing::info!(kind = e.kind, step = e.step.as_deref(), attempt = e.attempt, detail = %e.detail, "saga event");
+    }
 }
 
 /// How a write left the lease.

@@ -287,12 +287,18 @@ impl Participant {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        use tokio_stream::StreamExt;
+        // TCP_NODELAY on accepted sockets: a plain listener stream leaves
+        // Nagle's algorithm on, and small replies then wait for ACKs.
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+            if let Ok(c) = &conn {
+                let _ = c.set_nodelay(true);
+            }
+            conn
+        });
         tonic::transport::Server::builder()
             .add_service(self.service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
     }
 

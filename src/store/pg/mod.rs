@@ -6,8 +6,10 @@
 //! `pg_notify`), so it is one round trip and one commit; claims use
 //! `FOR UPDATE SKIP LOCKED` so coordinators never wait on each other.
 
+mod lanes;
 mod rows;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,7 +22,8 @@ use super::{
     Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaCounts, SagaPage, SagaQuery, SagaRecord,
     SagaStore, StoreError, StoredEvent, StuckRule,
 };
-use crate::domain::{event_kind, Decision, Definition, EventRecord, SagaId};
+use crate::domain::{Decision, Definition, EventRecord, SagaId};
+use lanes::{CreateRow, EventRow, Lanes, SaveRow};
 use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
 
 /// Notification channel: a saga settled (terminal or suspended).
@@ -73,12 +76,36 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Group commit for the hot-path writes (see `lanes`).
+    lanes: Arc<Lanes>,
 }
 
+/// Write lanes of [`PgStore::new`].
+pub const WRITE_LANES_DEFAULT: usize = 4;
+
 impl PgStore {
-    /// A store over `pool` (migrations must have been applied).
+    /// A store over `pool` (migrations must have been applied), with
+    /// [`WRITE_LANES_DEFAULT`] write lanes.
     pub fn new(pool: PgPool) -> Self {
-        PgStore { pool }
+        Self::with_write_lanes(pool, WRITE_LANES_DEFAULT)
+    }
+
+    /// A store whose saga creations and decisions go through `lanes`
+    /// dedicated connections that batch concurrent writes into one
+    /// statement each (group commit). They connect on first use.
+    pub fn with_write_lanes(pool: PgPool, lanes: usize) -> Self {
+        let options = (*pool.connect_options()).clone();
+        PgStore {
+            pool,
+            lanes: Arc::new(Lanes::new(options, lanes)),
+        }
+    }
+
+    /// Requests written by the write lanes so far, and the statements (each
+    /// its own commit) that wrote them: fewer statements than requests is
+    /// group commit at work.
+    pub fn write_stats(&self) -> (u64, u64) {
+        self.lanes.stats()
     }
 
     /// The pool, for the notification listener.
@@ -97,6 +124,7 @@ struct EventArrays {
     steps: Vec<Option<String>>,
     attempts: Vec<i32>,
     details: Vec<String>,
+    ats: Vec<DateTime<Utc>>,
 }
 
 fn event_arrays(events: &[EventRecord]) -> EventArrays {
@@ -105,6 +133,7 @@ fn event_arrays(events: &[EventRecord]) -> EventArrays {
         steps: events.iter().map(|e| e.step.clone()).collect(),
         attempts: events.iter().map(|e| e.attempt as i32).collect(),
         details: events.iter().map(|e| e.detail.clone()).collect(),
+        ats: events.iter().map(|e| e.at).collect(),
     }
 }
 
@@ -182,40 +211,20 @@ impl SagaStore for PgStore {
             Some((owner, ttl)) => (Some(owner.0), millis(ttl)),
             None => (None, 0),
         };
-        let row = sqlx::query(
-            "WITH ins AS (
-                INSERT INTO sagas (saga_id, definition, version, state, input, steps, deadline_at,
-                                   owner, lease_until, next_run_at, lease_epoch, event_seq,
-                                   current_step, current_attempts)
-                VALUES ($1, $2, $3, 'RUNNING', $4, $5,
-                        now() + $6 * interval '1 millisecond',
-                        $7, CASE WHEN $7::uuid IS NULL THEN NULL ELSE now() + $8 * interval '1 millisecond' END,
-                        CASE WHEN $7::uuid IS NULL THEN now() ELSE now() + $8 * interval '1 millisecond' END,
-                        1, 1, 0, 0)
-                ON CONFLICT (saga_id) DO NOTHING
-                RETURNING saga_id, lease_until, created_at, deadline_at
-             ), ev AS (
-                INSERT INTO saga_events (saga_id, seq, kind, detail)
-                SELECT saga_id, 1, $9, $10 FROM ins
-             ), due AS (
-                SELECT pg_notify($11, saga_id::text) FROM ins WHERE $7::uuid IS NULL
-             )
-             SELECT lease_until, created_at, deadline_at, (SELECT count(*) FROM due) AS notified
-             FROM ins",
-        )
-        .bind(new.id.0)
-        .bind(&new.definition.name)
-        .bind(new.definition.version as i32)
-        .bind(&new.input)
-        .bind(steps)
-        .bind(new.definition.deadline.map(millis))
-        .bind(owner)
-        .bind(ttl)
-        .bind(event_kind::STARTED)
-        .bind(format!("{}@{}", new.definition.name, new.definition.version))
-        .bind(CHANNEL_DUE)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = self
+            .lanes
+            .create(CreateRow {
+                saga_id: new.id.0,
+                definition: new.definition.name.clone(),
+                version: new.definition.version as i32,
+                input: new.input.clone(),
+                steps,
+                deadline_ms: new.definition.deadline.map(millis),
+                owner,
+                ttl_ms: ttl,
+                detail: format!("{}@{}", new.definition.name, new.definition.version),
+            })
+            .await?;
         let Some(row) = row else {
             let existing = self.saga_get(new.id).await?;
             return match existing {
@@ -225,13 +234,10 @@ impl SagaStore for PgStore {
                 None => Err(StoreError::Conflict),
             };
         };
-        let created_at: DateTime<Utc> = row.try_get("created_at")?;
+        let created_at = row.created_at;
         let mut saga = crate::domain::Saga::new(new.id, &new.definition, new.input, created_at);
-        saga.deadline_at = row.try_get("deadline_at")?;
-        let lease = match (
-            new.owner,
-            row.try_get::<Option<DateTime<Utc>>, _>("lease_until")?,
-        ) {
+        saga.deadline_at = row.deadline_at;
+        let lease = match (new.owner, row.lease_until) {
             (Some((owner, _)), Some(until)) => Some(Lease {
                 saga_id: new.id,
                 owner,
@@ -362,60 +368,34 @@ impl SagaStore for PgStore {
             Hold::Keep(ttl) => (false, None, millis(ttl)),
             Hold::Release(at) => (true, at, 0),
         };
-        let steps = encode_steps(&d.saga.steps)?;
-        let ev = event_arrays(&d.events);
         let (current_step, current_attempts) = current_progress(&d.saga);
-        let row = sqlx::query(
-            "WITH upd AS (
-                UPDATE sagas SET
-                    state = $3, suspended_from = $4, steps = $5, error = $6,
-                    current_step = $7, current_attempts = $8,
-                    updated_at = now(),
-                    event_seq = event_seq + cardinality($11::text[]),
-                    owner = CASE WHEN $9 THEN NULL ELSE owner END,
-                    lease_until = CASE WHEN $9 THEN NULL ELSE now() + $10 * interval '1 millisecond' END,
-                    next_run_at = CASE WHEN $9 THEN $15::timestamptz ELSE now() + $10 * interval '1 millisecond' END
-                WHERE saga_id = $1 AND lease_epoch = $2 AND owner = $16
-                RETURNING saga_id, event_seq - cardinality($11::text[]) AS base
-             ), ev AS (
-                INSERT INTO saga_events (saga_id, seq, kind, step, attempt, detail)
-                SELECT upd.saga_id, upd.base + e.ord, e.kind, e.step, e.attempt, e.detail
-                FROM upd, unnest($11::text[], $12::text[], $13::int[], $14::text[])
-                     WITH ORDINALITY AS e(kind, step, attempt, detail, ord)
-             ), settled AS (
-                SELECT pg_notify($18, saga_id::text) FROM upd WHERE $17
-             ), due AS (
-                SELECT pg_notify($19, saga_id::text) FROM upd WHERE $9 AND $15::timestamptz IS NOT NULL
-             )
-             SELECT (SELECT count(*) FROM upd) AS updated,
-                    (SELECT count(*) FROM settled) + (SELECT count(*) FROM due) AS notified,
-                    now() AS db_now",
-        )
-        .bind(lease.saga_id.0)
-        .bind(lease.epoch)
-        .bind(d.saga.state.as_str())
-        .bind(d.saga.suspended_from.map(|s| s.as_str()))
-        .bind(steps)
-        .bind(d.saga.error.as_deref())
-        .bind(current_step)
-        .bind(current_attempts)
-        .bind(release)
-        .bind(ttl)
-        .bind(&ev.kinds)
-        .bind(&ev.steps)
-        .bind(&ev.attempts)
-        .bind(&ev.details)
-        .bind(next_run_at)
-        .bind(lease.owner.0)
-        .bind(settled)
-        .bind(CHANNEL_SETTLED)
-        .bind(CHANNEL_DUE)
-        .fetch_one(&self.pool)
-        .await?;
-        if row.try_get::<i64, _>("updated")? == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(row.try_get("db_now")?)
+        let row = SaveRow {
+            saga_id: lease.saga_id.0,
+            epoch: lease.epoch,
+            owner: lease.owner.0,
+            state: d.saga.state.as_str(),
+            suspended_from: d.saga.suspended_from.map(|s| s.as_str()),
+            steps: encode_steps(&d.saga.steps)?,
+            error: d.saga.error.clone(),
+            current_step,
+            current_attempts,
+            release,
+            ttl_ms: ttl,
+            next_run_at,
+            settled,
+            events: d
+                .events
+                .iter()
+                .map(|e| EventRow {
+                    at: e.at,
+                    kind: e.kind,
+                    step: e.step.clone(),
+                    attempt: e.attempt.min(i32::MAX as u32) as i32,
+                    detail: e.detail.clone(),
+                })
+                .collect(),
+        };
+        self.lanes.save(row).await?.ok_or(StoreError::LeaseLost)
     }
 
     async fn saga_operator_save(
@@ -431,7 +411,7 @@ impl SagaStore for PgStore {
         let row = sqlx::query(
             "WITH upd AS (
                 UPDATE sagas SET
-                    state = $4, suspended_from = $5, steps = $6, error = $7,
+                    state = $4, suspended_from = $5, steps = $6::jsonb, error = $7,
                     current_step = $8, current_attempts = $9,
                     updated_at = now(),
                     event_seq = event_seq + cardinality($10::text[]),
@@ -442,10 +422,10 @@ impl SagaStore for PgStore {
                   AND NOT ($14 AND lease_until IS NOT NULL AND lease_until > now())
                 RETURNING saga_id, state, event_seq - cardinality($10::text[]) AS base
              ), ev AS (
-                INSERT INTO saga_events (saga_id, seq, kind, step, attempt, detail)
-                SELECT upd.saga_id, upd.base + e.ord, e.kind, e.step, e.attempt, e.detail
-                FROM upd, unnest($10::text[], $11::text[], $12::int[], $13::text[])
-                     WITH ORDINALITY AS e(kind, step, attempt, detail, ord)
+                INSERT INTO saga_events (saga_id, seq, at, kind, step, attempt, detail)
+                SELECT upd.saga_id, upd.base + e.ord, e.at, e.kind, e.step, e.attempt, e.detail
+                FROM upd, unnest($10::text[], $11::text[], $12::int[], $13::text[], $18::timestamptz[])
+                     WITH ORDINALITY AS e(kind, step, attempt, detail, at, ord)
              ), settled AS (
                 SELECT pg_notify($16, saga_id::text) FROM upd WHERE $15
              ), due AS (
@@ -472,6 +452,7 @@ impl SagaStore for PgStore {
         .bind(settled)
         .bind(CHANNEL_SETTLED)
         .bind(CHANNEL_DUE)
+        .bind(&ev.ats)
         .fetch_one(&self.pool)
         .await?;
         if row.try_get::<i64, _>("updated")? == 0 {
@@ -492,7 +473,7 @@ impl SagaStore for PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let sql = format!(
             "WITH due AS (
-                SELECT saga_id FROM sagas
+                SELECT saga_id, owner AS prev_owner FROM sagas
                 WHERE next_run_at <= now()
                   AND state IN ('RUNNING', 'COMPENSATING')
                   AND (lease_until IS NULL OR lease_until <= now())
@@ -506,7 +487,8 @@ impl SagaStore for PgStore {
                 next_run_at = now() + $2 * interval '1 millisecond',
                 lease_epoch = s.lease_epoch + 1
              FROM due WHERE s.saga_id = due.saga_id
-             RETURNING {SAGA_COLUMNS}, s.lease_epoch, s.lease_until, now() AS db_now"
+             RETURNING {SAGA_COLUMNS}, s.lease_epoch, s.lease_until, now() AS db_now,
+                       due.prev_owner IS NOT NULL AS unclean"
         );
         let rows = sqlx::query(&sql)
             .bind(owner.0)
@@ -525,6 +507,7 @@ impl SagaStore for PgStore {
                         until: row.try_get("lease_until")?,
                     },
                     db_now: row.try_get("db_now")?,
+                    unclean: row.try_get("unclean")?,
                     saga,
                 })
             })
@@ -579,8 +562,8 @@ impl SagaStore for PgStore {
     async fn lease_release_all(&self, owner: OwnerId) -> Result<u64, StoreError> {
         let row = sqlx::query(
             "WITH upd AS (
-                UPDATE sagas SET owner = NULL, lease_until = NULL, next_run_at = now()
-                WHERE owner = $1 RETURNING saga_id
+                UPDATE sagas SET lease_until = now(), next_run_at = now()
+                WHERE owner = $1 AND lease_until > now() RETURNING saga_id
              ), due AS (SELECT pg_notify($2, '') WHERE EXISTS (SELECT 1 FROM upd))
              SELECT (SELECT count(*) FROM upd) AS released, (SELECT count(*) FROM due) AS notified",
         )

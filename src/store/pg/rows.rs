@@ -36,8 +36,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-/// `sagas.steps` from the domain's steps.
-pub fn encode_steps(steps: &[Step]) -> Result<serde_json::Value, StoreError> {
+/// `sagas.steps` (JSON text) from the domain's steps.
+pub fn encode_steps(steps: &[Step]) -> Result<String, StoreError> {
     let stored: Vec<StoredStep> = steps
         .iter()
         .map(|s| StoredStep {
@@ -50,7 +50,7 @@ pub fn encode_steps(steps: &[Step]) -> Result<serde_json::Value, StoreError> {
             next_attempt_at: s.next_attempt_at,
         })
         .collect();
-    serde_json::to_value(stored).map_err(|e| corrupt("steps", e))
+    serde_json::to_string(&stored).map_err(|e| corrupt("steps", e))
 }
 
 fn decode_steps(value: serde_json::Value) -> Result<Vec<Step>, StoreError> {
