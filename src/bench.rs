@@ -64,6 +64,12 @@ pub struct Args {
     /// Most sagas per level, whatever the duration.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_sagas: u64,
+    /// Seconds to wait before reading pg_stat_database, before and after
+    /// each level. PostgreSQL 15 flushes a busy backend's statistics at most
+    /// once a second, and the rest only after 10 s idle; a shorter wait
+    /// under-counts commits and rows.
+    #[arg(long, default_value_t = 11.0)]
+    pub stats_settle_secs: f64,
 }
 
 /// One level's figures.
@@ -89,6 +95,8 @@ pub struct Level {
     pub p99_ms: f64,
     /// max.
     pub max_ms: f64,
+    /// Median `StartSaga` latency (durably started), milliseconds.
+    pub start_p50_ms: f64,
     /// PostgreSQL commits per saga (xact_commit delta / sagas).
     pub commits_per_saga: f64,
     /// Rows inserted + updated + deleted per saga.
@@ -239,10 +247,10 @@ async fn pg_stats(pool: &PgPool) -> anyhow::Result<PgStats> {
     })
 }
 
-/// Statistics reach pg_stat_database when backends go idle, within a
-/// second; wait that out before reading.
-async fn settled_stats(pool: &PgPool) -> anyhow::Result<PgStats> {
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+/// pg_stat_database once the backends' pending statistics are flushed
+/// (see [`Args::stats_settle_secs`]).
+async fn settled_stats(pool: &PgPool, settle_secs: f64) -> anyhow::Result<PgStats> {
+    tokio::time::sleep(Duration::from_secs_f64(settle_secs.max(0.0))).await;
     pg_stats(pool).await
 }
 
@@ -265,7 +273,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ParticipantServiceServer::new(Bench { last_step }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+                    .map_err(|e| anyhow!("participant listener: {e}"))?,
+            ),
     );
     let sagad = start_sagad(&args, &participant_url).await?;
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
@@ -323,13 +334,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.warmup_secs > 0.0 {
         let warm = Args {
             duration_secs: args.warmup_secs,
+            stats_settle_secs: 0.0,
             ..args.clone()
         };
-        run_level(&warm, &sagad, &pool, channel.clone(), &name, 1).await?;
+        let skip = pg_stats(&pool).await?;
+        run_level(&warm, &sagad, &pool, channel.clone(), &name, 1, skip).await?;
     }
+    // Each level's settled "after" is the next one's "before".
+    let mut stats = settled_stats(&pool, args.stats_settle_secs).await?;
     let mut levels = Vec::new();
     for &c in &args.concurrency {
-        levels.push(run_level(&args, &sagad, &pool, channel.clone(), &name, c.max(1)).await?);
+        let (level, after) = run_level(
+            &args,
+            &sagad,
+            &pool,
+            channel.clone(),
+            &name,
+            c.max(1),
+            stats,
+        )
+        .await?;
+        levels.push(level);
+        stats = after;
     }
     // The ceilings run after every saga level: statistics of idle backends
     // reach pg_stat_database late, and the ceiling's inserts must not leak
@@ -343,13 +369,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     for level in &levels {
         println!(
-            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu {}  ceiling {}  errors {}",
+            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu {}  ceiling {}  errors {}",
             level.concurrency,
             level.sagas_per_sec,
             level.p50_ms,
             level.p90_ms,
             level.p99_ms,
             level.max_ms,
+            level.start_p50_ms,
             level.commits_per_saga,
             level.rows_per_saga,
             level.sagad_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
@@ -394,8 +421,8 @@ async fn run_level(
     channel: tonic::transport::Channel,
     name: &str,
     c: u32,
-) -> anyhow::Result<Level> {
-    let before = settled_stats(pool).await?;
+    before: PgStats,
+) -> anyhow::Result<(Level, PgStats)> {
     let cpu_before = sagad.cpu_secs();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.duration_secs);
@@ -414,6 +441,7 @@ async fn run_level(
         let fail_fraction = args.fail_fraction;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut start_lat = Vec::new();
             let mut compensated = 0u64;
             let mut n = 0u64;
             while Instant::now() < until
@@ -439,6 +467,7 @@ async fn run_level(
                         .into_inner()
                         .saga
                         .ok_or_else(|| Status::internal("no saga"))?;
+                    start_lat.push(t.elapsed().as_secs_f64() * 1_000.0);
                     let w = client
                         .wait_saga(proto::WaitSagaRequest {
                             saga_id: s.saga_id,
@@ -470,7 +499,7 @@ async fn run_level(
                     }
                 }
             }
-            (lat, compensated)
+            (lat, start_lat, compensated)
         }));
     }
     let progress = {
@@ -489,10 +518,12 @@ async fn run_level(
         })
     };
     let mut lat = Vec::new();
+    let mut start_lat = Vec::new();
     let mut compensated = 0;
     for t in tasks {
-        let (l, comp) = t.await?;
+        let (l, sl, comp) = t.await?;
         lat.extend(l);
+        start_lat.extend(sl);
         compensated += comp;
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -501,7 +532,7 @@ async fn run_level(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let after = settled_stats(pool).await?;
+    let after = settled_stats(pool, args.stats_settle_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
     let sagas = lat.len() as u64;
     let per = |x: i64| {
@@ -514,7 +545,7 @@ async fn run_level(
     // Our own two stats reads are commits too.
     let commits_per_saga = per(after.commits - before.commits - 2);
     let sagas_per_sec = sagas as f64 / seconds;
-    Ok(Level {
+    let level = Level {
         concurrency: c,
         sagas,
         compensated,
@@ -522,6 +553,10 @@ async fn run_level(
         seconds,
         sagas_per_sec,
         p50_ms: percentile(&lat, 50.0),
+        start_p50_ms: {
+            start_lat.sort_by(|a, b| a.total_cmp(b));
+            percentile(&start_lat, 50.0)
+        },
         p90_ms: percentile(&lat, 90.0),
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(0.0),
@@ -532,7 +567,8 @@ async fn run_level(
             .map(|c| c * 1_000.0 / sagas as f64),
         ceiling_commits_per_sec: None,
         ceiling_fraction: None,
-    })
+    };
+    Ok((level, after))
 }
 
 /// Single-row INSERT transactions per second at concurrency `c`.
