@@ -103,6 +103,9 @@ pub struct Level {
     pub rows_per_saga: f64,
     /// sagad CPU seconds per 1,000 sagas (when saga-bench started it).
     pub sagad_cpu_s_per_1000: Option<f64>,
+    /// CPU seconds of the local PostgreSQL server (every process) per
+    /// 1,000 sagas, when it runs on this machine and /proc shows it.
+    pub postgres_cpu_s_per_1000: Option<f64>,
     /// Single-row INSERT commits/s at this concurrency, same database.
     pub ceiling_commits_per_sec: Option<f64>,
     /// sagas/s × commits/saga as a fraction of the ceiling.
@@ -160,15 +163,47 @@ impl Drop for Sagad {
 }
 
 impl Sagad {
-    /// utime + stime of the child, seconds (USER_HZ is 100 on Linux).
+    /// utime + stime of the child, seconds.
     fn cpu_secs(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after_comm = stat.rsplit_once(')')?.1;
-        let f: Vec<&str> = after_comm.split_whitespace().collect();
-        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / 100.0)
+        let (comm, ticks) = proc_cpu_ticks(self.child.as_ref()?.id(), false)?;
+        (comm == "sagad").then_some(ticks / 100.0)
     }
+}
+
+/// A process's name and CPU ticks from /proc/PID/stat (USER_HZ is 100 on
+/// Linux): utime + stime, plus its reaped children's when `children`.
+fn proc_cpu_ticks(pid: u32, children: bool) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let n = if children { 4 } else { 2 };
+    Some((comm, f.iter().take(n).sum()))
+}
+
+/// CPU seconds of every local `postgres` process so far, including exited
+/// backends (reaped by the postmaster, so counted in its children's time).
+/// `None` where /proc does not show them (another machine or user).
+fn postgres_cpu_secs() -> Option<f64> {
+    let mut ticks = 0.0;
+    let mut seen = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Some((comm, t)) = proc_cpu_ticks(pid, true) {
+            if comm == "postgres" {
+                ticks += t;
+                seen = true;
+            }
+        }
+    }
+    seen.then_some(ticks / 100.0)
 }
 
 async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad> {
@@ -369,7 +404,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     for level in &levels {
         println!(
-            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu {}  ceiling {}  errors {}",
+            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu sagad {} postgres {}  ceiling {}  errors {}",
             level.concurrency,
             level.sagas_per_sec,
             level.p50_ms,
@@ -380,6 +415,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             level.commits_per_saga,
             level.rows_per_saga,
             level.sagad_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
+            level.postgres_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
             match (level.ceiling_commits_per_sec, level.ceiling_fraction) {
                 (Some(t), Some(f)) => format!("{t:.0} commits/s ({:.0}% used)", f * 100.0),
                 _ => "n/a".into(),
@@ -424,6 +460,7 @@ async fn run_level(
     before: PgStats,
 ) -> anyhow::Result<(Level, PgStats)> {
     let cpu_before = sagad.cpu_secs();
+    let pg_cpu_before = postgres_cpu_secs();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.duration_secs);
     let done = Arc::new(AtomicU64::new(0));
@@ -532,6 +569,10 @@ async fn run_level(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let pg_cpu = match (pg_cpu_before, postgres_cpu_secs()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let after = settled_stats(pool, args.stats_settle_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
     let sagas = lat.len() as u64;
@@ -563,6 +604,9 @@ async fn run_level(
         commits_per_saga,
         rows_per_saga: per(after.rows - before.rows),
         sagad_cpu_s_per_1000: cpu
+            .filter(|_| sagas > 0)
+            .map(|c| c * 1_000.0 / sagas as f64),
+        postgres_cpu_s_per_1000: pg_cpu
             .filter(|_| sagas > 0)
             .map(|c| c * 1_000.0 / sagas as f64),
         ceiling_commits_per_sec: None,

@@ -70,7 +70,7 @@ pub struct Config {
     pub db_connections_max: u32,
     /// Connections that batch saga creations and decisions into one
     /// statement each (group commit); in addition to the pool above.
-    #[arg(long, env = "SAGAD_DB_WRITE_LANES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "SAGAD_DB_WRITE_LANES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub db_write_lanes: u32,
     /// Threads running the coordinator (0: one per CPU core).
     #[arg(long, env = "SAGAD_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_024))]

@@ -81,7 +81,7 @@ pub struct PgStore {
 }
 
 /// Write lanes of [`PgStore::new`].
-pub const WRITE_LANES_DEFAULT: usize = 4;
+pub const WRITE_LANES_DEFAULT: usize = 2;
 
 impl PgStore {
     /// A store over `pool` (migrations must have been applied), with
