@@ -87,7 +87,7 @@ impl Ops {
 
     /// A definition by name and version (`None` = latest), from the caches
     /// where possible: versions never change, and "latest" is re-read after
-    /// [`LATEST_TTL`].
+    /// `LATEST_TTL`.
     pub async fn definition_for_start(
         &self,
         name: &str,

@@ -16,7 +16,7 @@
 //! The machine is pure: [`decide`] takes the saga, one [`Fact`], the time and
 //! a random draw for jitter, and returns the new saga plus the events to
 //! append. The worker persists a [`Decision`] in one transaction and only then
-//! acts on it. [`plan`] derives the next thing to do from the saga alone, so
+//! acts on it, or keeps it in memory where [`may_defer`] allows. [`plan`] derives the next thing to do from the saga alone, so
 //! after a crash the new owner reads the saga and knows where it stands; no
 //! cursor is stored that could disagree with the steps.
 //!

@@ -10,16 +10,19 @@
 //!                        until Idle (settled) or Wait (released, due again later)
 //! ```
 //!
-//! A saga is driven by one task holding its lease. Each decision is written
-//! in one statement fenced on the lease's epoch *before* the worker acts on
-//! it; the write also extends the lease, and when the next plan is a wait or
-//! the saga settled, it releases the lease in the same statement. If the
+//! A saga is driven by one task holding its lease. A decision is written in
+//! one statement fenced on the lease's epoch *before* the worker acts on it —
+//! except an idempotent action's result, which [`may_defer`] lets wait in
+//! memory for the next write (at most `CHECKPOINT_EVERY`). A write also
+//! extends the lease, and when the next plan is a wait or the saga settled,
+//! it releases the lease in the same statement. If the
 //! write finds the epoch moved on (`LeaseLost`), another coordinator or an
 //! operator took the saga and this task drops it at once.
 //!
-//! Recovery needs no special code path: a coordinator that dies leaves its
-//! leases to expire; any coordinator then claims the saga and [`plan`]
-//! reads where it stands — a non-idempotent action left `RUNNING` becomes
+//! Recovery needs little special code: a coordinator that dies leaves its
+//! leases to expire; any coordinator then claims the saga, marks the steps
+//! the lost owner may have reached unwritten ([`assume_unrecorded`]), and
+//! [`plan`] reads where it stands — a non-idempotent action left `RUNNING` becomes
 //! [`Fact::Recovered`] (outcome unknown), anything else is simply invoked
 //! again with the same idempotency key.
 //!
