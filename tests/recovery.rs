@@ -271,8 +271,30 @@ async fn graceful_shutdown_releases_sagas_for_others_at_once() {
     let saga = start(&mut c1, "ab", "{}").await;
     svc.wait_calls("a.do", 1).await;
     // Shut down while a's call is in flight; the call finishes within the
-    // grace period, its result is saved, and the saga is released.
+    // grace period, its result is saved, and the saga is released. The gate
+    // opens once the shutdown has begun (health turns NOT_SERVING, or the
+    // stream ends), so a's answer arrives at a stopping coordinator.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", first.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "saga.v1.CoordinatorService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(watch.message().await.unwrap().unwrap().status, serving);
     let stopping = tokio::spawn(first.shutdown());
+    while let Ok(Some(m)) = watch.message().await {
+        if m.status != serving {
+            break;
+        }
+    }
     gate.send(true).unwrap();
     stopping.await.unwrap();
     assert!(
