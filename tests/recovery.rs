@@ -12,8 +12,15 @@ fn participants(url: &str) -> Vec<(String, String)> {
     vec![("svc".into(), url.into())]
 }
 
-#[tokio::test]
-async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effects() {
+/// A coordinator with a 1 s lease over one participant `svc`, and an
+/// "abc" definition of three idempotent, compensatable steps registered.
+async fn three_idempotent_steps() -> (
+    TestDb,
+    Scripted,
+    saga_coordinator::config::Config,
+    TestCoordinator,
+    proto::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+) {
     let db = TestDb::new().await;
     let svc = Scripted::default();
     let url = svc.clone().serve().await;
@@ -34,6 +41,13 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
         ),
     )
     .await;
+    (db, svc, cfg, first, c1)
+}
+
+#[tokio::test]
+async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effects() {
+    // `_db` (not `_`) keeps the database until the test ends.
+    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps().await;
     let (gate, gate_rx) = watch::channel(false);
     svc.script(
         "b.do",
@@ -83,26 +97,8 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
 
 #[tokio::test]
 async fn steps_a_lost_coordinator_reached_without_writing_are_compensated() {
-    let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = participants(&url);
-    cfg.lease_ttl_ms = 1_000;
-    let first = TestCoordinator::start(cfg.clone()).await;
-    let mut c1 = first.client().await;
-    register(
-        &mut c1,
-        definition(
-            "abc",
-            vec![
-                step("a", "svc", true, true),
-                step("b", "svc", true, true),
-                step("c", "svc", true, true),
-            ],
-        ),
-    )
-    .await;
+    // `_db` (not `_`) keeps the database until the test ends.
+    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps().await;
     // The first coordinator gets a and b done (results not written yet:
     // idempotent results wait for the next write) and dies calling c.
     // Then b's service goes down for the second coordinator.

@@ -407,7 +407,10 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
     let trace = std::env::var_os("SIM_TRACE").is_some();
     // A crash: memory is lost; the next owner reads the store and assumes
     // that steps the lost owner could have reached without a write ran.
-    let crash = |stored: &Saga, dirty: &mut bool| {
+    let crash = |stored: &Saga, dirty: &mut bool, when: &str| {
+        if trace {
+            eprintln!("crash {when}");
+        }
         let mut mem = stored.clone();
         let marked = assume_unrecorded(&mut mem, &d);
         if trace && !marked.is_empty() {
@@ -474,11 +477,8 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                             stored = mem.clone();
                             dirty = false;
                             if rng.below(10) == 0 {
-                                if trace {
-                                    eprintln!("crash after pre-write");
-                                }
                                 // Crash after the pre-write, before the call.
-                                mem = crash(&stored, &mut dirty);
+                                mem = crash(&stored, &mut dirty, "after pre-write");
                                 continue;
                             }
                         }
@@ -506,11 +506,8 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                     ) => {
                         let result = world_call(&mut world, &d, step, phase, &mut rng)?;
                         if rng.below(8) == 0 {
-                            if trace {
-                                eprintln!("crash after call");
-                            }
                             // Crash after the call, before its result is saved.
-                            mem = crash(&stored, &mut dirty);
+                            mem = crash(&stored, &mut dirty, "after call");
                             continue;
                         }
                         Fact::Invoked {
