@@ -346,3 +346,94 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
         "64 concurrent decisions share statements (group commit): {statements} statements"
     );
 }
+
+/// The lanes' statements reach `sagas` through its primary key even with
+/// the planner's worst information: a generic plan (what a prepared
+/// statement settles on) made while the table is empty and never analysed.
+/// A plain connection gets a hash join over a sequential scan there, and
+/// keeps it while the table grows.
+#[tokio::test]
+async fn lane_statements_find_sagas_by_key_whatever_the_statistics() {
+    use saga_coordinator::store::pg::{lane_connect_options, CREATE_SQL, SAVE_SQL};
+    use sqlx::ConnectOptions;
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    MIGRATOR.run(&pool).await.unwrap();
+    let options = lane_connect_options(pool.connect_options().as_ref().clone());
+    let mut conn = options.connect().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let id = "'{00000000-0000-0000-0000-000000000001}'";
+    let statements = [
+        (
+            "lane_save",
+            SAVE_SQL,
+            "uuid[], bigint[], uuid[], text[], text[], text[], text[], int[], int[], bool[], \
+             bigint[], timestamptz[], bool[], int[], uuid[], int[], timestamptz[], text[], \
+             text[], int[], text[]",
+            format!(
+                "{id}, '{{1}}', {id}, '{{COMPLETED}}', '{{NULL}}', '{{\"[]\"}}', '{{NULL}}', \
+                 '{{1}}', '{{1}}', '{{t}}', '{{1}}', '{{NULL}}', '{{t}}', '{{1}}', {id}, '{{1}}', \
+                 '{{2026-01-01T00:00:00Z}}', '{{completed}}', '{{NULL}}', '{{0}}', '{{x}}'"
+            ),
+        ),
+        (
+            "lane_create",
+            CREATE_SQL,
+            "uuid[], text[], int[], text[], text[], bigint[], uuid[], bigint[], text[], text",
+            format!(
+                "{id}, '{{d}}', '{{1}}', '{{null}}', '{{\"[]\"}}', '{{NULL}}', {id}, '{{1}}', \
+                 '{{x}}', 'started'"
+            ),
+        ),
+    ];
+    for (name, sql, types, args) in statements {
+        sqlx::query(&format!("PREPARE {name}({types}) AS {sql}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let plan: serde_json::Value =
+            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        println!("generic plan for {name}: {plan}");
+        let mut scans = Vec::new();
+        table_scans(&plan, &mut scans);
+        for (node, index, cond) in scans {
+            assert!(
+                index == "sagas_pkey" && cond.contains("saga_id"),
+                "{name}: {node} on {index:?} ({cond:?}) instead of a primary key lookup: {plan}"
+            );
+        }
+    }
+}
+
+/// Every node of a JSON plan that reads a table: (node type, index, index
+/// condition); a sequential scan has neither.
+fn table_scans(plan: &serde_json::Value, out: &mut Vec<(String, String, String)>) {
+    let field = |k: &str| {
+        plan.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let node = field("Node Type");
+    if matches!(
+        node.as_str(),
+        "Seq Scan" | "Index Scan" | "Index Only Scan" | "Bitmap Index Scan"
+    ) {
+        out.push((node, field("Index Name"), field("Index Cond")));
+    }
+    let children = plan.get("Plans").or_else(|| plan.get("Plan"));
+    match children {
+        Some(serde_json::Value::Array(nodes)) => nodes.iter().for_each(|n| table_scans(n, out)),
+        Some(n) => table_scans(n, out),
+        None => {}
+    }
+    if let serde_json::Value::Array(nodes) = plan {
+        nodes.iter().for_each(|n| table_scans(n, out));
+    }
+}

@@ -144,7 +144,7 @@ impl Lanes {
     /// `count` lanes connecting with `options`.
     pub fn new(options: PgConnectOptions, count: usize) -> Self {
         Lanes {
-            options,
+            options: connect_options(options),
             count: count.max(1),
             tx: std::sync::OnceLock::new(),
             stats: Arc::default(),
@@ -188,6 +188,18 @@ impl Lanes {
     pub async fn save(&self, row: SaveRow) -> Result<Option<DateTime<Utc>>, StoreError> {
         self.submit(|tx| Job::Save(row, tx)).await
     }
+}
+
+/// How a lane connects: as `base`, without sequential scans.
+///
+/// Every lane statement reaches `sagas` by primary key, a few rows at a
+/// time. Left to itself the planner caches a generic plan built while the
+/// table was small — a hash join over a sequential scan — and keeps
+/// scanning the whole, growing table on every write until autoanalyze
+/// happens to invalidate it. Without sequential scans the only plan left is
+/// the index lookup, whatever the statistics say.
+pub fn connect_options(base: PgConnectOptions) -> PgConnectOptions {
+    base.options([("enable_seqscan", "off")])
 }
 
 async fn lane(
@@ -395,7 +407,8 @@ async fn write(c: &mut PgConnection, batch: &[Job]) -> Result<Written, sqlx::Err
 }
 
 /// Inserts sagas (skipping ids that exist) with their `started` events.
-const CREATE_SQL: &str = "
+/// Public for the query-plan test.
+pub const CREATE_SQL: &str = "
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
                              $6::bigint[], $7::uuid[], $8::bigint[], $9::text[])
@@ -448,8 +461,8 @@ async fn write_creates(c: &mut PgConnection, batch: &[Job]) -> Result<Vec<PgRow>
 
 /// Fenced decisions: each row is updated only while its lease epoch and
 /// owner hold; events go in for the rows updated. Rows are locked in saga
-/// id order.
-const SAVE_SQL: &str = "
+/// id order. Public for the query-plan test.
+pub const SAVE_SQL: &str = "
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
                              $6::text[], $7::text[], $8::int[], $9::int[], $10::bool[],
@@ -466,7 +479,8 @@ const SAVE_SQL: &str = "
             lease_until = CASE WHEN v.release THEN NULL ELSE now() + v.ttl * interval '1 millisecond' END,
             next_run_at = CASE WHEN v.release THEN v.next_run_at ELSE now() + v.ttl * interval '1 millisecond' END
         FROM v
-        WHERE s.saga_id = v.saga_id AND s.lease_epoch = v.epoch AND s.owner = v.owner
+        WHERE s.saga_id = ANY($1) AND s.saga_id = v.saga_id
+          AND s.lease_epoch = v.epoch AND s.owner = v.owner
         RETURNING s.saga_id, s.event_seq - v.n_events AS base, v.settled, v.release,
                   v.next_run_at AS due_at
     ), ev AS (

@@ -2,8 +2,9 @@
 //! coordinator runs.
 //!
 //! Habits: the database clock (`now()`) rules every lease and deadline; an
-//! owner's decision is one statement (saga row update + event inserts +
-//! `pg_notify`), so it is one round trip and one commit; claims use
+//! owner's decision is one statement (saga row update + event inserts), so
+//! it is one round trip and one commit, shared with other decisions written
+//! at the same time (group commit, see `lanes`); claims use
 //! `FOR UPDATE SKIP LOCKED` so coordinators never wait on each other.
 
 mod lanes;
@@ -23,6 +24,7 @@ use super::{
     SagaStore, StoreError, StoredEvent, StuckRule,
 };
 use crate::domain::{Decision, Definition, EventRecord, SagaId};
+pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
 use lanes::{CreateRow, EventRow, Lanes, SaveRow};
 use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
 
