@@ -348,8 +348,8 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
 }
 
 /// The lanes' statements reach `sagas` through its primary key even with
-/// the planner's worst information: a generic plan (what a prepared
-/// statement settles on) made while the table is empty and never analysed.
+/// the planner's worst information: the generic plan (the one lanes use)
+/// made while the table is empty and never analysed.
 /// A plain connection gets a hash join over a sequential scan there, and
 /// keeps it while the table grows.
 #[tokio::test]
@@ -361,10 +361,11 @@ async fn lane_statements_find_sagas_by_key_whatever_the_statistics() {
     MIGRATOR.run(&pool).await.unwrap();
     let options = lane_connect_options(pool.connect_options().as_ref().clone());
     let mut conn = options.connect().await.unwrap();
-    sqlx::query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut conn)
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut conn)
         .await
         .unwrap();
+    assert_eq!(mode, "force_generic_plan", "lanes plan once");
     let id = "'{00000000-0000-0000-0000-000000000001}'";
     let statements = [
         (

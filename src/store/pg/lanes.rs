@@ -190,16 +190,23 @@ impl Lanes {
     }
 }
 
-/// How a lane connects: as `base`, without sequential scans.
+/// How a lane connects: as `base`, without sequential scans, planning each
+/// statement once.
 ///
 /// Every lane statement reaches `sagas` by primary key, a few rows at a
 /// time. Left to itself the planner caches a generic plan built while the
 /// table was small — a hash join over a sequential scan — and keeps
 /// scanning the whole, growing table on every write until autoanalyze
 /// happens to invalidate it. Without sequential scans the only plan left is
-/// the index lookup, whatever the statistics say.
+/// the index lookup, whatever the statistics say; and as that plan suits
+/// every batch, it is made once per connection (by default PostgreSQL would
+/// plan these statements afresh on every execution, as their custom plans
+/// look cheaper than the generic one).
 pub fn connect_options(base: PgConnectOptions) -> PgConnectOptions {
-    base.options([("enable_seqscan", "off")])
+    base.options([
+        ("enable_seqscan", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ])
 }
 
 async fn lane(
