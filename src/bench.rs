@@ -147,6 +147,9 @@ impl ParticipantService for Bench {
 
 struct Sagad {
     child: Option<std::process::Child>,
+    /// The child's name as /proc shows it (at most 15 bytes), which guards
+    /// against reading another process that reused its PID.
+    comm: String,
     url: String,
 }
 
@@ -166,7 +169,7 @@ impl Sagad {
     /// utime + stime of the child, seconds.
     fn cpu_secs(&self) -> Option<f64> {
         let (comm, ticks) = proc_cpu_ticks(self.child.as_ref()?.id(), false)?;
-        (comm == "sagad").then_some(ticks / 100.0)
+        (comm == self.comm).then_some(ticks / 100.0)
     }
 }
 
@@ -210,6 +213,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
     if let Some(url) = &args.sagad {
         return Ok(Sagad {
             child: None,
+            comm: String::new(),
             url: url.clone(),
         });
     }
@@ -247,8 +251,13 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             }
         }
     });
+    let comm = bin
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(15).collect())
+        .unwrap_or_default();
     let mut sagad = Sagad {
         child: Some(child),
+        comm,
         url: String::new(),
     };
     let line = rx
