@@ -33,6 +33,11 @@ pub struct Args {
     /// starts its own sagad on a fresh database.
     #[arg(long)]
     pub sagad: Option<String>,
+    /// The admin address (host:port) of the sagad given by `--sagad`, to
+    /// read its `/metrics` (participant call and write latency). Known
+    /// without it when saga-bench starts its own sagad.
+    #[arg(long)]
+    pub sagad_admin: Option<String>,
     /// The database sagad uses (for pg_stat_database and the commit
     /// ceiling); recreated when saga-bench starts its own sagad.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/saga_bench")]
@@ -110,6 +115,73 @@ pub struct Level {
     pub ceiling_commits_per_sec: Option<f64>,
     /// sagas/s × commits/saga as a fraction of the ceiling.
     pub ceiling_fraction: Option<f64>,
+    /// Mean participant call as sagad timed it, milliseconds (from its
+    /// `/metrics`, when saga-bench can read them).
+    pub step_call_mean_ms: Option<f64>,
+    /// Mean round trip of one write statement, commit included, ms.
+    pub db_write_mean_ms: Option<f64>,
+    /// Saga starts and decisions written per saga.
+    pub db_writes_per_saga: Option<f64>,
+    /// Write statements (commits) those took per saga.
+    pub db_statements_per_saga: Option<f64>,
+}
+
+/// The figures saga-bench reads from sagad's `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scrape {
+    calls: f64,
+    call_secs: f64,
+    writes: f64,
+    statements: f64,
+    write_secs: f64,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Self {
+        let mut s = Scrape::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            let metric = name.split('{').next().unwrap_or(name);
+            match metric {
+                "sagad_step_duration_seconds_count" => s.calls += v,
+                "sagad_step_duration_seconds_sum" => s.call_secs += v,
+                "sagad_db_write_requests_total" => s.writes += v,
+                "sagad_db_write_statements_total" => s.statements += v,
+                "sagad_db_write_duration_seconds_sum" => s.write_secs += v,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// GET `/metrics` from an admin address (HTTP/1.0, loopback).
+async fn scrape(admin: &str) -> Option<Scrape> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut conn = tokio::net::TcpStream::connect(admin).await.ok()?;
+        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        let (head, text) = body.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.0 200")
+            .then(|| Scrape::parse(text))
+            .or_else(|| {
+                head.starts_with("HTTP/1.1 200")
+                    .then(|| Scrape::parse(text))
+            })
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Trivial participant: every action succeeds with a small output, except
@@ -151,6 +223,8 @@ struct Sagad {
     /// against reading another process that reused its PID.
     comm: String,
     url: String,
+    /// Its admin address, for `/metrics`.
+    admin: Option<String>,
 }
 
 impl Drop for Sagad {
@@ -215,6 +289,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             child: None,
             comm: String::new(),
             url: url.clone(),
+            admin: args.sagad_admin.clone(),
         });
     }
     if sqlx::Postgres::database_exists(&args.database_url).await? {
@@ -259,6 +334,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         child: Some(child),
         comm,
         url: String::new(),
+        admin: None,
     };
     let line = rx
         .recv_timeout(Duration::from_secs(60))
@@ -269,6 +345,11 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         .and_then(|s| s.split_whitespace().next())
         .ok_or_else(|| anyhow!("no grpc_addr in {line:?}"))?;
     sagad.url = format!("http://{addr}");
+    sagad.admin = line
+        .split("admin_addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .map(str::to_owned);
     Ok(sagad)
 }
 
@@ -431,6 +512,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             },
             level.errors,
         );
+        if let (Some(call), Some(write), Some(w), Some(st)) = (
+            level.step_call_mean_ms,
+            level.db_write_mean_ms,
+            level.db_writes_per_saga,
+            level.db_statements_per_saga,
+        ) {
+            println!(
+                "       inside sagad: participant call {call:.2} ms mean; write statement {write:.2} ms mean \
+                 (commit included); {w:.2} writes/saga in {st:.2} statements/saga"
+            );
+        }
     }
     std::fs::create_dir_all(&args.out)?;
     let report = serde_json::json!({
@@ -470,6 +562,10 @@ async fn run_level(
 ) -> anyhow::Result<(Level, PgStats)> {
     let cpu_before = sagad.cpu_secs();
     let pg_cpu_before = postgres_cpu_secs();
+    let scrape_before = match &sagad.admin {
+        Some(a) => scrape(a).await,
+        None => None,
+    };
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.duration_secs);
     let done = Arc::new(AtomicU64::new(0));
@@ -582,6 +678,16 @@ async fn run_level(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let scraped = match (&sagad.admin, scrape_before) {
+        (Some(a), Some(b)) => scrape(a).await.map(|e| Scrape {
+            calls: e.calls - b.calls,
+            call_secs: e.call_secs - b.call_secs,
+            writes: e.writes - b.writes,
+            statements: e.statements - b.statements,
+            write_secs: e.write_secs - b.write_secs,
+        }),
+        _ => None,
+    };
     let after = settled_stats(pool, args.stats_settle_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
     let sagas = lat.len() as u64;
@@ -620,6 +726,18 @@ async fn run_level(
             .map(|c| c * 1_000.0 / sagas as f64),
         ceiling_commits_per_sec: None,
         ceiling_fraction: None,
+        step_call_mean_ms: scraped
+            .filter(|m| m.calls > 0.0)
+            .map(|m| m.call_secs * 1_000.0 / m.calls),
+        db_write_mean_ms: scraped
+            .filter(|m| m.statements > 0.0)
+            .map(|m| m.write_secs * 1_000.0 / m.statements),
+        db_writes_per_saga: scraped
+            .filter(|_| sagas > 0)
+            .map(|m| m.writes / sagas as f64),
+        db_statements_per_saga: scraped
+            .filter(|_| sagas > 0)
+            .map(|m| m.statements / sagas as f64),
     };
     Ok((level, after))
 }

@@ -1,9 +1,9 @@
 //! Prometheus metrics of this process, rendered in the text exposition
 //! format at `/metrics`.
 //!
-//! Hand-rolled on purpose: a handful of counters and one histogram family,
-//! whose labels (participant names, outcomes) are already restricted to
-//! `[A-Za-z0-9_.-]`, do not need a metrics framework.
+//! Hand-rolled on purpose: a handful of counters and two histogram
+//! families, whose labels (participant names, outcomes) are already
+//! restricted to `[A-Za-z0-9_.-]`, do not need a metrics framework.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,16 +13,104 @@ use std::time::Duration;
 
 use crate::domain::{CallResult, Phase, SagaState};
 
-/// Upper bounds of the step latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+/// Upper bounds of the latency buckets, in seconds: from a tenth of a
+/// millisecond (a call or a commit on the same host) to ten seconds.
+const BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
 ];
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of `name{labels}`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
+                self.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let set = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{set} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{set} {}", self.count);
+    }
+}
+
+/// The write lanes' work (see `store::pg`): requests, the statements that
+/// wrote them (each one commit), and each statement's round trip.
+#[derive(Debug, Default)]
+pub struct DbWrites {
+    requests: AtomicU64,
+    statements: AtomicU64,
+    latency: Mutex<Histogram>,
+}
+
+impl DbWrites {
+    /// One statement wrote `requests` requests (or failed) in `elapsed`.
+    pub fn statement(&self, requests: usize, elapsed: Duration) {
+        self.requests.fetch_add(requests as u64, Ordering::Relaxed);
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(elapsed);
+    }
+
+    /// (requests, statements) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.statements.load(Ordering::Relaxed),
+        )
+    }
+
+    fn render(&self, out: &mut String) {
+        let (requests, statements) = self.counts();
+        let _ = writeln!(
+            out,
+            "# HELP sagad_db_write_requests_total Saga starts and decisions written by the write lanes.\n\
+             # TYPE sagad_db_write_requests_total counter\nsagad_db_write_requests_total {requests}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sagad_db_write_statements_total Statements (one commit each) that wrote them.\n\
+             # TYPE sagad_db_write_statements_total counter\nsagad_db_write_statements_total {statements}"
+        );
+        let _ = writeln!(out, "# HELP sagad_db_write_duration_seconds Round trip of one write statement, commit included.");
+        let _ = writeln!(out, "# TYPE sagad_db_write_duration_seconds histogram");
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .render(out, "sagad_db_write_duration_seconds", "");
+    }
 }
 
 /// The metrics of one coordinator process.
@@ -35,6 +123,7 @@ pub struct Metrics {
     resolved: AtomicU64,
     /// Keyed by (participant, phase, outcome).
     steps: Mutex<BTreeMap<(String, &'static str, &'static str), Histogram>>,
+    db_writes: Option<std::sync::Arc<DbWrites>>,
 }
 
 /// The label of a call's outcome.
@@ -49,6 +138,14 @@ pub fn outcome_label(r: &CallResult) -> &'static str {
 }
 
 impl Metrics {
+    /// Metrics that also render the write lanes' figures.
+    pub fn with_db_writes(db_writes: std::sync::Arc<DbWrites>) -> Self {
+        Metrics {
+            db_writes: Some(db_writes),
+            ..Metrics::default()
+        }
+    }
+
     /// A saga was started here.
     pub fn saga_started(&self) {
         self.started.fetch_add(1, Ordering::Relaxed);
@@ -79,16 +176,8 @@ impl Metrics {
             phase.as_str(),
             outcome_label(result),
         );
-        let secs = elapsed.as_secs_f64();
         let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
-        let h = steps.entry(key).or_default();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        steps.entry(key).or_default().observe(elapsed);
     }
 
     /// The text exposition format.
@@ -138,24 +227,11 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE sagad_step_duration_seconds histogram");
         for ((p, phase, outcome), h) in steps.iter() {
             let labels = format!("participant=\"{p}\",phase=\"{phase}\",outcome=\"{outcome}\"");
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "sagad_step_duration_seconds_bucket{{{labels},le=\"{le}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "sagad_step_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "sagad_step_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(
-                out,
-                "sagad_step_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
+            h.render(&mut out, "sagad_step_duration_seconds", &labels);
+        }
+        drop(steps);
+        if let Some(w) = &self.db_writes {
+            w.render(&mut out);
         }
         out
     }
@@ -191,5 +267,24 @@ mod tests {
         assert!(text.contains(r#"sagad_step_duration_seconds_bucket{participant="pay",phase="action",outcome="succeeded",le="0.005"} 1"#));
         assert!(text.contains(r#"sagad_step_duration_seconds_bucket{participant="pay",phase="action",outcome="succeeded",le="0.05"} 2"#));
         assert!(text.contains(r#"le="+Inf"} 2"#));
+        assert!(
+            !text.contains("sagad_db_write"),
+            "no lanes, no lane figures"
+        );
+    }
+
+    #[test]
+    fn renders_the_write_lanes_figures() {
+        let w = std::sync::Arc::new(DbWrites::default());
+        let m = Metrics::with_db_writes(w.clone());
+        w.statement(3, Duration::from_micros(400));
+        w.statement(1, Duration::from_millis(2));
+        assert_eq!(w.counts(), (4, 2));
+        let text = m.render();
+        assert!(text.contains("sagad_db_write_requests_total 4\n"));
+        assert!(text.contains("sagad_db_write_statements_total 2\n"));
+        assert!(text.contains("sagad_db_write_duration_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("sagad_db_write_duration_seconds_bucket{le=\"0.0025\"} 2\n"));
+        assert!(text.contains("sagad_db_write_duration_seconds_count 2\n"));
     }
 }

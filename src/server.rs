@@ -143,11 +143,9 @@ pub async fn start(
             "--admin-token must be at least 16 characters".into(),
         ));
     }
-    let store: Arc<dyn SagaStore> = Arc::new(PgStore::with_write_lanes(
-        pool.clone(),
-        cfg.db_write_lanes as usize,
-    ));
-    let metrics = Arc::new(Metrics::default());
+    let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
+    let metrics = Arc::new(Metrics::with_db_writes(pg.db_writes()));
+    let store: Arc<dyn SagaStore> = Arc::new(pg);
     let payload_bytes_max = usize::try_from(cfg.payload_bytes_max).unwrap_or(usize::MAX);
     let participants = Participants::new(
         CallerConfig {

@@ -474,6 +474,13 @@ async fn pages_show_counts_stuck_first_and_definitions() {
         r#"sagad_step_attempts_total{participant="svc",phase="action",outcome="misconfigured"} 1"#
     ));
     assert!(metrics.body.contains("sagad_step_duration_seconds_bucket"));
+    // The saga above was started and suspended through the write lanes.
+    assert!(
+        !metrics.body.contains("sagad_db_write_requests_total 0\n")
+            && metrics.body.contains("sagad_db_write_requests_total "),
+        "{}",
+        metrics.body
+    );
     assert_eq!(get(&e, "/readyz").await.status, 200);
 }
 

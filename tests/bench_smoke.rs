@@ -47,6 +47,12 @@ async fn saga_bench_runs_and_writes_its_report() {
     );
     assert!(level["commits_per_saga"].as_f64().unwrap() > 0.0);
     assert!(level["ceiling_commits_per_sec"].as_f64().unwrap() > 0.0);
+    // Read from sagad's /metrics: every saga is at least written at its
+    // start and at its end.
+    assert!(level["step_call_mean_ms"].as_f64().unwrap() > 0.0);
+    assert!(level["db_write_mean_ms"].as_f64().unwrap() > 0.0);
+    assert!(level["db_writes_per_saga"].as_f64().unwrap() >= 2.0);
+    assert!(level["db_statements_per_saga"].as_f64().unwrap() > 0.0);
     assert!(std::fs::read_to_string(out.join("chart.svg"))
         .unwrap()
         .starts_with("<svg"));

@@ -20,7 +20,6 @@
 //! trips per query. A lane pings only a connection idle for a while, and
 //! reconnects after an error that may have broken it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +31,7 @@ use uuid::Uuid;
 
 use super::{CHANNEL_DUE, CHANNEL_SETTLED};
 use crate::domain::event_kind;
+use crate::metrics::DbWrites;
 use crate::store::StoreError;
 
 /// Most requests written in one statement.
@@ -128,16 +128,7 @@ pub struct Lanes {
     options: PgConnectOptions,
     count: usize,
     tx: std::sync::OnceLock<mpsc::Sender<Job>>,
-    stats: Arc<WriteStats>,
-}
-
-/// Counters of the lanes' work.
-#[derive(Debug, Default)]
-pub struct WriteStats {
-    /// Requests written (or failed).
-    pub requests: AtomicU64,
-    /// Statements that wrote them.
-    pub statements: AtomicU64,
+    stats: Arc<DbWrites>,
 }
 
 impl Lanes {
@@ -151,12 +142,9 @@ impl Lanes {
         }
     }
 
-    /// (requests, statements) so far.
-    pub fn stats(&self) -> (u64, u64) {
-        (
-            self.stats.requests.load(Ordering::Relaxed),
-            self.stats.statements.load(Ordering::Relaxed),
-        )
+    /// The lanes' figures.
+    pub fn stats(&self) -> Arc<DbWrites> {
+        self.stats.clone()
     }
 
     fn sender(&self) -> &mpsc::Sender<Job> {
@@ -212,7 +200,7 @@ pub fn connect_options(base: PgConnectOptions) -> PgConnectOptions {
 async fn lane(
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     options: PgConnectOptions,
-    stats: Arc<WriteStats>,
+    stats: Arc<DbWrites>,
 ) {
     let mut conn: Option<PgConnection> = None;
     let mut last_used = Instant::now();
@@ -229,9 +217,6 @@ async fn lane(
             }
             jobs
         };
-        stats
-            .requests
-            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         // One statement per kind, each with unique saga ids (a repeated id
         // goes to the next round, so every request is matched to its row).
         while !jobs.is_empty() {
@@ -279,14 +264,15 @@ async fn run(
     options: &PgConnectOptions,
     last_used: &mut Instant,
     batch: Vec<Job>,
-    stats: &WriteStats,
+    stats: &DbWrites,
 ) {
-    stats.statements.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
     let result = match connection(conn, options, *last_used).await {
         Ok(c) => write(c, &batch).await,
         Err(e) => Err(e),
     };
     *last_used = Instant::now();
+    stats.statement(batch.len(), last_used.duration_since(started));
     match result {
         Ok(rows) => {
             let notices = Notices::of(&rows);

@@ -107,6 +107,11 @@ impl PgStore {
     /// its own commit) that wrote them: fewer statements than requests is
     /// group commit at work.
     pub fn write_stats(&self) -> (u64, u64) {
+        self.lanes.stats().counts()
+    }
+
+    /// The write lanes' figures, for `/metrics`.
+    pub fn db_writes(&self) -> Arc<crate::metrics::DbWrites> {
         self.lanes.stats()
     }
 
