@@ -158,6 +158,17 @@ impl Scrape {
         }
         s
     }
+
+    /// What happened between `before` and `self`.
+    fn since(self, before: Scrape) -> Scrape {
+        Scrape {
+            calls: self.calls - before.calls,
+            call_secs: self.call_secs - before.call_secs,
+            writes: self.writes - before.writes,
+            statements: self.statements - before.statements,
+            write_secs: self.write_secs - before.write_secs,
+        }
+    }
 }
 
 /// GET `/metrics` from an admin address (HTTP/1.0, loopback).
@@ -171,12 +182,7 @@ async fn scrape(admin: &str) -> Option<Scrape> {
         let mut body = String::new();
         conn.read_to_string(&mut body).await.ok()?;
         let (head, text) = body.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200")
-            .then(|| Scrape::parse(text))
-            .or_else(|| {
-                head.starts_with("HTTP/1.1 200")
-                    .then(|| Scrape::parse(text))
-            })
+        (head.split_whitespace().nth(1) == Some("200")).then(|| Scrape::parse(text))
     };
     tokio::time::timeout(Duration::from_secs(5), read)
         .await
@@ -339,17 +345,15 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
     let line = rx
         .recv_timeout(Duration::from_secs(60))
         .context("sagad did not start")?;
-    let addr = line
-        .split("grpc_addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .ok_or_else(|| anyhow!("no grpc_addr in {line:?}"))?;
+    // `key=value` of sagad's start line.
+    let field = |key: &str| {
+        line.split(&format!("{key}="))
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+    };
+    let addr = field("grpc_addr").ok_or_else(|| anyhow!("no grpc_addr in {line:?}"))?;
     sagad.url = format!("http://{addr}");
-    sagad.admin = line
-        .split("admin_addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .map(str::to_owned);
+    sagad.admin = field("admin_addr").map(str::to_owned);
     Ok(sagad)
 }
 
@@ -562,7 +566,7 @@ async fn run_level(
 ) -> anyhow::Result<(Level, PgStats)> {
     let cpu_before = sagad.cpu_secs();
     let pg_cpu_before = postgres_cpu_secs();
-    let scrape_before = match &sagad.admin {
+    let scrape_before = match sagad.admin.as_deref() {
         Some(a) => scrape(a).await,
         None => None,
     };
@@ -678,14 +682,8 @@ async fn run_level(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let scraped = match (&sagad.admin, scrape_before) {
-        (Some(a), Some(b)) => scrape(a).await.map(|e| Scrape {
-            calls: e.calls - b.calls,
-            call_secs: e.call_secs - b.call_secs,
-            writes: e.writes - b.writes,
-            statements: e.statements - b.statements,
-            write_secs: e.write_secs - b.write_secs,
-        }),
+    let scraped = match (sagad.admin.as_deref(), scrape_before) {
+        (Some(a), Some(before)) => scrape(a).await.map(|after| after.since(before)),
         _ => None,
     };
     let after = settled_stats(pool, args.stats_settle_secs).await?;

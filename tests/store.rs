@@ -297,7 +297,7 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
     // One owner's lease is stale (its epoch moved on): only its write fails.
     held[7].1.epoch += 1;
     let stale = held[7].0.id;
-    let (requests_before, statements_before) = store.write_stats();
+    let (requests_before, statements_before) = store.db_writes().counts();
     let mut tasks = tokio::task::JoinSet::new();
     for (saga, lease, at) in held {
         let (store, def) = (store.clone(), def.clone());
@@ -338,7 +338,7 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
             );
         }
     }
-    let (requests, statements) = store.write_stats();
+    let (requests, statements) = store.db_writes().counts();
     let (requests, statements) = (requests - requests_before, statements - statements_before);
     assert_eq!(requests, 64);
     assert!(

@@ -272,7 +272,11 @@ async fn run(
         Err(e) => Err(e),
     };
     *last_used = Instant::now();
-    stats.statement(batch.len(), last_used.duration_since(started));
+    // A failed batch is retried request by request below, and those
+    // statements count its requests.
+    let retried = matches!(result, Err(sqlx::Error::Database(_))) && batch.len() > 1;
+    let requests = if retried { 0 } else { batch.len() };
+    stats.statement(requests, last_used.duration_since(started));
     match result {
         Ok(rows) => {
             let notices = Notices::of(&rows);

@@ -103,14 +103,9 @@ impl PgStore {
         }
     }
 
-    /// Requests written by the write lanes so far, and the statements (each
-    /// its own commit) that wrote them: fewer statements than requests is
-    /// group commit at work.
-    pub fn write_stats(&self) -> (u64, u64) {
-        self.lanes.stats().counts()
-    }
-
-    /// The write lanes' figures, for `/metrics`.
+    /// The write lanes' figures, for `/metrics`: requests written and the
+    /// statements (each its own commit) that wrote them — fewer statements
+    /// than requests is group commit at work — and their latency.
     pub fn db_writes(&self) -> Arc<crate::metrics::DbWrites> {
         self.lanes.stats()
     }
