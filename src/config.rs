@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// Room in a gRPC message beyond its payloads (names, ids, errors,
+/// timestamps, metadata).
+const GRPC_ENVELOPE_BYTES: usize = 1 << 20;
+
 /// The default database: a local PostgreSQL, database `sagad`.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/sagad";
 
@@ -78,6 +82,43 @@ pub struct Config {
     /// How long registered participant endpoints are cached.
     #[arg(long, env = "SAGAD_DISCOVERY_CACHE_MS", default_value_t = 1_000)]
     pub discovery_cache_ms: u64,
+    /// TCP connect timeout towards a participant.
+    #[arg(long, env = "SAGAD_PARTICIPANT_CONNECT_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub participant_connect_timeout_ms: u64,
+    /// Heartbeat TTL of a participant instance that sends none.
+    #[arg(long, env = "SAGAD_HEARTBEAT_TTL_DEFAULT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub heartbeat_ttl_default_ms: u64,
+    /// WaitSaga timeout when the request sets none (capped by
+    /// --wait-max-ms).
+    #[arg(long, env = "SAGAD_WAIT_DEFAULT_MS", default_value_t = 30_000)]
+    pub wait_default_ms: u64,
+    /// How often a WaitSaga caller re-reads a saga driven elsewhere when no
+    /// notification arrives (notifications are a hint; this is the
+    /// guarantee).
+    #[arg(long, env = "SAGAD_WAIT_RECHECK_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub wait_recheck_ms: u64,
+    /// Settled-saga notices buffered for WaitSaga callers; a caller that
+    /// falls further behind re-reads its saga.
+    #[arg(long, env = "SAGAD_WAIT_NOTICES_MAX", default_value_t = 4_096, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub wait_notices_max: u64,
+    /// Rows of a saga list (ListSagas, admin page and API) when the request
+    /// asks for none.
+    #[arg(long, env = "SAGAD_LIST_PAGE_ROWS_DEFAULT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub list_page_rows_default: u32,
+    /// Most rows of a saga list; larger requests are capped.
+    #[arg(long, env = "SAGAD_LIST_PAGE_ROWS_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub list_page_rows_max: u32,
+    /// How long a request waits for a free database connection before it is
+    /// answered UNAVAILABLE.
+    #[arg(long, env = "SAGAD_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub db_acquire_timeout_ms: u64,
+    /// Pause before the notification listener reconnects after losing the
+    /// database (the worker polls meanwhile).
+    #[arg(long, env = "SAGAD_DB_LISTEN_RETRY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub db_listen_retry_ms: u64,
+    /// How long /readyz waits for the database to answer.
+    #[arg(long, env = "SAGAD_READYZ_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub readyz_timeout_ms: u64,
 }
 
 fn parse_participant(s: &str) -> Result<(String, String), String> {
@@ -110,6 +151,48 @@ impl Config {
     /// `lease_ttl_ms` as a duration.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// `payload_bytes_max` in memory terms.
+    pub fn payload_bytes(&self) -> usize {
+        usize::try_from(self.payload_bytes_max).unwrap_or(usize::MAX)
+    }
+
+    /// Largest gRPC request accepted: one payload (a saga input) and room
+    /// for the rest of the message (a definition, metadata).
+    pub fn grpc_request_bytes_max(&self) -> usize {
+        self.payload_bytes().saturating_add(GRPC_ENVELOPE_BYTES)
+    }
+
+    /// Largest gRPC answer sent: a whole saga — its input and one output
+    /// per step, each at most `payload_bytes_max` — and room for the rest.
+    /// A larger answer fails with RESOURCE_EXHAUSTED instead of growing
+    /// without bound.
+    pub fn grpc_response_bytes_max(&self) -> usize {
+        self.payload_bytes()
+            .saturating_mul(crate::domain::STEPS_MAX + 1)
+            .saturating_add(GRPC_ENVELOPE_BYTES)
+    }
+
+    /// Settings that cannot be checked one flag at a time.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.admin_addr.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(format!(
+                "--admin-addr {} is not a loopback address: set --admin-token (SAGAD_ADMIN_TOKEN) so that \
+                 operator actions need it",
+                self.admin_addr
+            ));
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err("--admin-token must be at least 16 characters".into());
+        }
+        if self.list_page_rows_default > self.list_page_rows_max {
+            return Err(format!(
+                "--list-page-rows-default {} is above --list-page-rows-max {}",
+                self.list_page_rows_default, self.list_page_rows_max
+            ));
+        }
+        Ok(())
     }
 }
 

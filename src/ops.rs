@@ -1,13 +1,26 @@
 //! Operations shared by the gRPC API and the admin HTTP server: reading
-//! sagas with their definitions, and the operator actions.
+//! sagas with their definitions, the operator actions, list paging, and the
+//! error type both edges map ([`OpsError`]).
+//!
+//! ```text
+//!   gRPC (api/status.rs) ──┐                   ┌── StoreError
+//!   JSON (admin/mod.rs) ───┼── OpsError ◄──────┼── TransitionError
+//!   HTML (admin/pages.rs) ─┘                   └── ValidationError
+//! ```
+//! Imports run one way: the edges use this module; it uses the domain and
+//! the store, never an edge.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::ApiError;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
 use crate::domain::{
-    assume_unrecorded, decide, Definition, Fact, Saga, SagaId, SagaState, ValidationError,
+    assume_unrecorded, decide, Definition, Fact, Saga, SagaId, SagaState, TransitionError,
+    ValidationError,
 };
 use crate::store::{SagaRecord, SagaStore, StoreError};
 use crate::worker::Worker;
@@ -16,6 +29,110 @@ use crate::worker::Worker;
 pub const NOTE_BYTES_MAX: usize = 2_048;
 /// Most attempts of an operator action against a saga that keeps changing.
 const OPERATOR_TRIES_MAX: usize = 5;
+
+/// What a read or an operator action can fail with: the operator layer's
+/// error, mapped once by each edge (gRPC status, JSON API, HTML page).
+///
+/// Messages are client-visible except where a variant says otherwise: they
+/// name the field and never carry SQL or driver detail.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Bad input, naming the field (INVALID_ARGUMENT / 400).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// Unknown saga or definition (NOT_FOUND / 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Same saga id, other content (ALREADY_EXISTS / 409).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The saga is not in a state where this applies (FAILED_PRECONDITION / 409).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The saga kept changing under an operator action (ABORTED / 409).
+    #[error("{0}")]
+    Aborted(String),
+    /// The database cannot be reached or this coordinator is stopping: the
+    /// same request may succeed later or elsewhere (UNAVAILABLE / 503).
+    #[error("{public}")]
+    Unavailable {
+        /// What the client is told.
+        public: &'static str,
+        /// What happened, for the log only.
+        detail: String,
+    },
+    /// A bug or corrupt stored data (INTERNAL / 500). The text is for the
+    /// log only; clients are told "internal error".
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for OpsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => OpsError::Unavailable {
+                public: "database unavailable; try again",
+                detail,
+            },
+            StoreError::Stopped => OpsError::Unavailable {
+                public: "coordinator shutting down; try another",
+                detail: "the store is shutting down".into(),
+            },
+            StoreError::LeaseLost | StoreError::Conflict => {
+                OpsError::Aborted("the saga changed concurrently; try again".into())
+            }
+            StoreError::Busy => OpsError::FailedPrecondition(StoreError::Busy.to_string()),
+            StoreError::Internal(detail) => OpsError::Internal(detail),
+        }
+    }
+}
+
+impl From<TransitionError> for OpsError {
+    fn from(e: TransitionError) -> Self {
+        match e {
+            TransitionError::NoteRequired => {
+                OpsError::Invalid(ValidationError::new("note", "required"))
+            }
+            other => OpsError::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
+/// `now - age`, saturating at the earliest representable time (an absurd
+/// age from a client must not panic).
+pub fn older_than(now: DateTime<Utc>, age: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|a| now.checked_sub_signed(a))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// An opaque page token for the keyset cursor `(created_at, saga_id)` of
+/// saga lists (the same tokens over gRPC and the JSON API).
+pub fn encode_page_token((at, id): (DateTime<Utc>, Uuid)) -> String {
+    let raw = format!("{}:{id}", at.timestamp_micros());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// Parses [`encode_page_token`]'s output (empty = first page).
+pub fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ValidationError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ValidationError::new("page_token", "not a token this server issued");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    let id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(Some((at, id)))
+}
 
 /// An operator action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +209,7 @@ impl Ops {
         &self,
         name: &str,
         version: Option<u32>,
-    ) -> Result<Option<Arc<Definition>>, ApiError> {
+    ) -> Result<Option<Arc<Definition>>, OpsError> {
         if let Some(v) = version {
             return Ok(self.worker.definition(name, v).await?);
         }
@@ -115,19 +232,19 @@ impl Ops {
     }
 
     /// A definition version, or NOT_FOUND.
-    pub async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, ApiError> {
+    pub async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, OpsError> {
         self.worker
             .definition(name, version)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("definition {name}@{version} not found")))
+            .ok_or_else(|| OpsError::NotFound(format!("definition {name}@{version} not found")))
     }
 
     /// A saga, or NOT_FOUND.
-    pub async fn record(&self, id: SagaId) -> Result<SagaRecord, ApiError> {
+    pub async fn record(&self, id: SagaId) -> Result<SagaRecord, OpsError> {
         self.store
             .saga_get(id)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("saga {id} not found")))
+            .ok_or_else(|| OpsError::NotFound(format!("saga {id} not found")))
     }
 
     /// Applies an operator action with optimistic concurrency: read, decide,
@@ -139,7 +256,7 @@ impl Ops {
         kind: OperatorKind,
         actor: &str,
         note: &str,
-    ) -> Result<(Saga, Arc<Definition>), ApiError> {
+    ) -> Result<(Saga, Arc<Definition>), OpsError> {
         if note.len() > NOTE_BYTES_MAX {
             return Err(ValidationError::new(
                 "note",
@@ -189,14 +306,14 @@ impl Ops {
                     return Ok((self.record(id).await?.saga, def));
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(StoreError::Busy) => return Err(ApiError::FailedPrecondition(
+                Err(StoreError::Busy) => return Err(OpsError::FailedPrecondition(
                     "saga is being driven by a coordinator right now: nothing is waiting to retry"
                         .into(),
                 )),
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ApiError::Aborted(format!(
+        Err(OpsError::Aborted(format!(
             "saga {id} kept changing; try again"
         )))
     }

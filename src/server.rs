@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -84,7 +85,7 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
     }
     let pool = PgPoolOptions::new()
         .max_connections(cfg.db_connections_max)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_millis(cfg.db_acquire_timeout_ms))
         // sqlx pings a connection before handing it out (its default). That
         // costs a round trip per query, but without it every pooled
         // connection fails one query after a database restart (the /readyz
@@ -92,11 +93,30 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
         .connect(url)
         .await
         .map_err(db_err)?;
-    MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate {
+    migrate(url).await?;
+    Ok(pool)
+}
+
+/// Applies the migrations on a connection of its own that does not pass on
+/// PostgreSQL's NOTICEs ("relation _sqlx_migrations already exists,
+/// skipping" on every start).
+async fn migrate(url: &str) -> Result<(), Error> {
+    let migrate_err = |source| Error::Migrate {
         url: redact_url(url),
         source,
-    })?;
-    Ok(pool)
+    };
+    let db_err = |source| Error::Database {
+        url: redact_url(url),
+        source,
+    };
+    let options = url
+        .parse::<PgConnectOptions>()
+        .map_err(db_err)?
+        .options([("client_min_messages", "warning")]);
+    let mut conn = PgConnection::connect_with(&options).await.map_err(db_err)?;
+    MIGRATOR.run(&mut conn).await.map_err(migrate_err)?;
+    let _ = conn.close().await;
+    Ok(())
 }
 
 /// A running coordinator.
@@ -131,165 +151,54 @@ pub async fn start(
     pool: PgPool,
     stop: CancellationToken,
 ) -> Result<Coordinator, Error> {
-    if !cfg.admin_addr.ip().is_loopback() && cfg.admin_token.is_none() {
-        return Err(Error::Config(format!(
-            "--admin-addr {} is not a loopback address: set --admin-token (SAGAD_ADMIN_TOKEN) so that \
-             operator actions need it",
-            cfg.admin_addr
-        )));
-    }
-    if cfg.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-        return Err(Error::Config(
-            "--admin-token must be at least 16 characters".into(),
-        ));
-    }
-    let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
-    let metrics = Arc::new(Metrics::with_db_writes(pg.db_writes()));
-    let store: Arc<dyn SagaStore> = Arc::new(pg);
-    let payload_bytes_max = usize::try_from(cfg.payload_bytes_max).unwrap_or(usize::MAX);
-    let participants = Participants::new(
-        CallerConfig {
-            statics: cfg.static_participants(),
-            discovery_cache: Duration::from_millis(cfg.discovery_cache_ms),
-            connect_timeout: Duration::from_secs(2),
-            payload_bytes_max,
-        },
-        store.clone(),
-    )
-    .map_err(Error::Config)?;
-    let owner = OwnerId(Uuid::new_v4());
-    let abandon = CancellationToken::new();
-    let worker = Worker::new(
-        store.clone(),
-        Arc::new(participants),
-        owner,
-        WorkerConfig {
-            lease_ttl: cfg.lease_ttl(),
-            claim_batch_max: cfg.claim_batch_max,
-            sagas_max: usize::try_from(cfg.sagas_max).unwrap_or(usize::MAX),
-            poll_interval: Duration::from_millis(cfg.poll_interval_ms),
-        },
-        stop.clone(),
-        abandon.clone(),
-        metrics.clone(),
-    );
-    let ops = Ops::new(store.clone(), worker.clone(), metrics.clone());
-    let stuck = StuckRule {
-        idle_for: Duration::from_millis(cfg.stuck_after_ms),
-        attempts_min: cfg.stuck_attempts,
-    };
-    let admin_state = AdminState::new(
-        ops.clone(),
-        pool.clone(),
-        metrics.clone(),
-        AdminConfig {
-            token: cfg.admin_token.clone(),
-            stuck,
-            page_size: 50,
-            page_size_max: 500,
-        },
-    );
-    let (settled, _) = broadcast::channel(4_096);
-    let api = CoordinatorApi::new(
-        ops,
-        metrics,
-        settled.clone(),
-        stop.clone(),
-        ApiConfig {
-            payload_bytes_max,
-            defaults: Defaults::default(),
-            wait_default: Duration::from_secs(30),
-            wait_max: Duration::from_millis(cfg.wait_max_ms),
-            wait_recheck: Duration::from_secs(5),
-            page_size_default: 50,
-            page_size_max: 500,
-            stuck,
-            heartbeat_ttl_default: Duration::from_secs(10),
-            admin_token: cfg.admin_token.clone(),
-        },
-    );
+    cfg.check().map_err(Error::Config)?;
+    let parts = Parts::build(&cfg, pool.clone(), stop.clone())?;
+    let (grpc_listener, grpc_addr) = bind("gRPC", cfg.grpc_addr).await?;
+    let (admin_listener, admin_addr) = bind("admin", cfg.admin_addr).await?;
 
-    let grpc_listener = TcpListener::bind(cfg.grpc_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "gRPC",
-            addr: cfg.grpc_addr,
-            source,
-        })?;
-    let admin_listener = TcpListener::bind(cfg.admin_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "admin",
-            addr: cfg.admin_addr,
-            source,
-        })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
-        what: "gRPC",
-        addr: cfg.grpc_addr,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
-        what: "admin",
-        addr: cfg.admin_addr,
-        source,
-    })?;
-
-    let (mut health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<CoordinatorServiceServer<CoordinatorApi>>()
         .await;
-    let max_message = payload_bytes_max.saturating_mul(4).saturating_add(1 << 20);
+    let api = CoordinatorServiceServer::new(parts.api)
+        .max_decoding_message_size(cfg.grpc_request_bytes_max())
+        .max_encoding_message_size(cfg.grpc_response_bytes_max());
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(
-            CoordinatorServiceServer::new(api)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(api)
         // Accepted sockets get TCP_NODELAY only through TcpIncoming (a
         // plain listener stream leaves Nagle on: replies then wait for ACKs).
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
-                .map_err(|e| Error::Config(format!("gRPC listener: {e}")))?,
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
-    let grpc = tokio::spawn(grpc);
-    let admin = tokio::spawn(crate::admin::serve(
-        admin_listener,
-        admin_state,
+    let tasks = Tasks {
+        grpc: tokio::spawn(grpc),
+        admin: tokio::spawn(crate::admin::serve(
+            admin_listener,
+            parts.admin,
+            stop.clone(),
+        )),
+        listener: tokio::spawn(listen(
+            pool,
+            parts.worker.clone(),
+            parts.settled,
+            Duration::from_millis(cfg.db_listen_retry_ms),
+            stop.clone(),
+        )),
+        claimer: tokio::spawn(parts.worker.clone().run_claim_loop()),
+    };
+    let owner = parts.worker.owner();
+    tracing::info!(%grpc_addr, %admin_addr, owner = %owner.0, "sagad started");
+    let done = tokio::spawn(shut_down(
+        tasks,
+        parts.worker,
+        parts.store,
+        health,
+        parts.abandon,
+        Duration::from_millis(cfg.shutdown_grace_ms),
         stop.clone(),
     ));
-    let listener = tokio::spawn(listen(pool.clone(), worker.clone(), settled, stop.clone()));
-    let claimer = tokio::spawn(worker.clone().run_claim_loop());
-    tracing::info!(%grpc_addr, %admin_addr, owner = %owner.0, "sagad started");
-
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let stop2 = stop.clone();
-    let done = tokio::spawn(async move {
-        stop2.cancelled().await;
-        tracing::info!("shutting down: no new work; finishing calls in flight");
-        health
-            .set_not_serving::<CoordinatorServiceServer<CoordinatorApi>>()
-            .await;
-        let _ = claimer.await;
-        worker.tasks().close();
-        if tokio::time::timeout(grace, worker.tasks().wait())
-            .await
-            .is_err()
-        {
-            abandon.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(1), worker.tasks().wait()).await;
-        }
-        match store.lease_release_all(owner).await {
-            Ok(n) if n > 0 => tracing::info!(released = n, "released leases"),
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "releasing leases failed; they will expire"),
-        }
-        let _ = tokio::time::timeout(grace, grpc).await;
-        let _ = tokio::time::timeout(grace, admin).await;
-        let _ = listener.await;
-        tracing::info!("sagad stopped");
-    });
     Ok(Coordinator {
         grpc_addr,
         admin_addr,
@@ -299,6 +208,148 @@ pub async fn start(
     })
 }
 
+/// The parts of a coordinator, wired but not yet serving.
+struct Parts {
+    store: Arc<dyn SagaStore>,
+    worker: Arc<Worker>,
+    api: CoordinatorApi,
+    admin: Arc<AdminState>,
+    settled: broadcast::Sender<Uuid>,
+    abandon: CancellationToken,
+}
+
+impl Parts {
+    fn build(cfg: &Config, pool: PgPool, stop: CancellationToken) -> Result<Parts, Error> {
+        let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
+        let metrics = Arc::new(Metrics::with_db_writes(pg.db_writes()));
+        let store: Arc<dyn SagaStore> = Arc::new(pg);
+        let participants = Participants::new(
+            CallerConfig {
+                statics: cfg.static_participants(),
+                discovery_cache: Duration::from_millis(cfg.discovery_cache_ms),
+                connect_timeout: Duration::from_millis(cfg.participant_connect_timeout_ms),
+                payload_bytes_max: cfg.payload_bytes(),
+            },
+            store.clone(),
+        )
+        .map_err(Error::Config)?;
+        let abandon = CancellationToken::new();
+        let worker = Worker::new(
+            store.clone(),
+            Arc::new(participants),
+            OwnerId(Uuid::new_v4()),
+            WorkerConfig {
+                lease_ttl: cfg.lease_ttl(),
+                claim_batch_max: cfg.claim_batch_max,
+                sagas_max: usize::try_from(cfg.sagas_max).unwrap_or(usize::MAX),
+                poll_interval: Duration::from_millis(cfg.poll_interval_ms),
+            },
+            stop.clone(),
+            abandon.clone(),
+            metrics.clone(),
+        );
+        let ops = Ops::new(store.clone(), worker.clone(), metrics.clone());
+        let stuck = StuckRule {
+            idle_for: Duration::from_millis(cfg.stuck_after_ms),
+            attempts_min: cfg.stuck_attempts,
+        };
+        let admin = AdminState::new(
+            ops.clone(),
+            pool,
+            metrics.clone(),
+            AdminConfig {
+                token: cfg.admin_token.clone(),
+                stuck,
+                page_rows_default: cfg.list_page_rows_default,
+                page_rows_max: cfg.list_page_rows_max,
+                readyz_timeout: Duration::from_millis(cfg.readyz_timeout_ms),
+            },
+        );
+        let notices = usize::try_from(cfg.wait_notices_max).unwrap_or(usize::MAX);
+        let (settled, _) = broadcast::channel(notices);
+        let api = CoordinatorApi::new(ops, metrics, settled.clone(), stop, api_config(cfg, stuck));
+        Ok(Parts {
+            store,
+            worker,
+            api,
+            admin,
+            settled,
+            abandon,
+        })
+    }
+}
+
+fn api_config(cfg: &Config, stuck: StuckRule) -> ApiConfig {
+    ApiConfig {
+        payload_bytes_max: cfg.payload_bytes(),
+        defaults: Defaults::default(),
+        wait_default: Duration::from_millis(cfg.wait_default_ms.min(cfg.wait_max_ms)),
+        wait_max: Duration::from_millis(cfg.wait_max_ms),
+        wait_recheck: Duration::from_millis(cfg.wait_recheck_ms),
+        page_rows_default: cfg.list_page_rows_default,
+        page_rows_max: cfg.list_page_rows_max,
+        stuck,
+        heartbeat_ttl_default: Duration::from_millis(cfg.heartbeat_ttl_default_ms),
+        admin_token: cfg.admin_token.clone(),
+    }
+}
+
+/// Binds `addr`; returns the listener and the address it got (port 0 is
+/// resolved).
+async fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<(TcpListener, std::net::SocketAddr), Error> {
+    let err = |source| Error::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// The tasks of a running coordinator.
+struct Tasks {
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin: JoinHandle<()>,
+    listener: JoinHandle<()>,
+    claimer: JoinHandle<()>,
+}
+
+/// Waits for `stop`, then shuts down in the order the module comment gives.
+async fn shut_down(
+    tasks: Tasks,
+    worker: Arc<Worker>,
+    store: Arc<dyn SagaStore>,
+    health: tonic_health::server::HealthReporter,
+    abandon: CancellationToken,
+    grace: Duration,
+    stop: CancellationToken,
+) {
+    stop.cancelled().await;
+    tracing::info!("shutting down: no new work; finishing calls in flight");
+    health
+        .set_not_serving::<CoordinatorServiceServer<CoordinatorApi>>()
+        .await;
+    let _ = tasks.claimer.await;
+    worker.tasks().close();
+    if tokio::time::timeout(grace, worker.tasks().wait())
+        .await
+        .is_err()
+    {
+        // Abandoned calls end at their next await; give them as long again.
+        abandon.cancel();
+        let _ = tokio::time::timeout(grace, worker.tasks().wait()).await;
+    }
+    match store.lease_release_all(worker.owner()).await {
+        Ok(n) if n > 0 => tracing::info!(released = n, "released leases"),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "releasing leases failed; they will expire"),
+    }
+    let _ = tokio::time::timeout(grace, tasks.grpc).await;
+    let _ = tokio::time::timeout(grace, tasks.admin).await;
+    let _ = tasks.listener.await;
+    tracing::info!("sagad stopped");
+}
+
 /// Forwards notifications: settled sagas to `WaitSaga` callers, due work to
 /// the claim loop. After every (re)connect it tells both to re-check, since
 /// notifications sent while disconnected are lost.
@@ -306,6 +357,7 @@ async fn listen(
     pool: PgPool,
     worker: Arc<Worker>,
     settled: broadcast::Sender<Uuid>,
+    retry: Duration,
     stop: CancellationToken,
 ) {
     while !stop.is_cancelled() {
@@ -315,13 +367,16 @@ async fn listen(
                 tracing::warn!(%error, "notification listener cannot connect; polling meanwhile");
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(retry) => continue,
                 }
             }
         };
         if let Err(error) = listener.listen_all([CHANNEL_SETTLED, CHANNEL_DUE]).await {
-            tracing::warn!(%error, "LISTEN failed");
-            continue;
+            tracing::warn!(%error, "LISTEN failed; polling meanwhile");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(retry) => continue,
+            }
         }
         let _ = settled.send(Uuid::nil());
         worker.wake();

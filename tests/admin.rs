@@ -60,7 +60,10 @@ async fn get(e: &Env, path: &str) -> HttpResponse {
 
 async fn post_json(e: &Env, path: &str, auth: Option<&str>, body: &str) -> HttpResponse {
     let bearer = auth.map(|t| format!("Bearer {t}"));
-    let mut h = vec![("Content-Type", "application/json"), ("X-Actor", "ops-bot")];
+    let mut h = vec![
+        ("Content-Type", "application/json"),
+        ("X-Saga-Actor", "ops-bot"),
+    ];
     if let Some(b) = &bearer {
         h.push(("Authorization", b));
     }
@@ -588,7 +591,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
     ];
     for (name, states, single, def, older, stuck, may_sort) in cases {
         let sql = format!("EXPLAIN (FORMAT JSON) {list}");
-        let plan = sqlx::query_scalar::<_, Value>(&sql)
+        let plan = sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql.clone()))
             .bind(states)
             .bind(def)
             .bind(older.then(chrono::Utc::now))
@@ -612,10 +615,10 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             "{name} sorts instead of reading in index order: {plan}"
         );
     }
-    let plan: Value = sqlx::query_scalar(&format!(
+    let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "EXPLAIN (FORMAT JSON) {}",
         saga_coordinator::store::pg::SAGA_COUNTS_SQL
-    ))
+    )))
     .bind(86_400_000i64)
     .bind(300_000i64)
     .bind(5i32)
@@ -642,17 +645,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
 async fn readyz_fails_while_the_database_does_not_answer() {
     let e = env(None).await;
     assert_eq!(get(&e, "/readyz").await.status, 200);
-    let name = e.db.url.rsplit('/').next().unwrap().to_owned();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
-        .await
-        .unwrap();
-    let cut = |allow: bool| format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allow}");
-    sqlx::query(&cut(false)).execute(&mut admin).await.unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
-        .bind(&name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    e.db.terminate_sessions(true).await;
     let r = get(&e, "/readyz").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["status"], "not ready");
@@ -661,7 +654,7 @@ async fn readyz_fails_while_the_database_does_not_answer() {
         200,
         "the process itself is up"
     );
-    sqlx::query(&cut(true)).execute(&mut admin).await.unwrap();
+    e.db.accept_connections().await;
     assert_eq!(
         get(&e, "/readyz").await.status,
         200,

@@ -36,7 +36,7 @@ async fn env() -> Env {
 
 async fn count(db: &TestDb, table: &str) -> i64 {
     let pool = db.pool().await;
-    let n: (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+    let n: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -696,4 +696,84 @@ async fn stuck_means_suspended_or_idle_or_retrying_beyond_a_threshold() {
     let mut want = vec![x.saga_id, y.saga_id];
     want.sort();
     assert_eq!(ids, want);
+}
+
+/// Losing the database is UNAVAILABLE (gRPC) and 503 (HTTP) — a condition to
+/// retry — never INTERNAL: a backend terminated under a StartSaga (what a
+/// PostgreSQL restart does: SQLSTATE 57P01 or an I/O error), and a database
+/// that refuses connections under reads.
+#[tokio::test]
+async fn losing_the_database_is_unavailable_on_grpc_and_http() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = vec![("svc".into(), url)];
+    // One write lane, so the lane that wrote the first saga writes the next.
+    cfg.db_write_lanes = 1;
+    let coord = TestCoordinator::start(cfg).await;
+    let mut client = coord.client().await;
+    register(&mut client, valid()).await;
+    // The sagas' first calls hang (5 s timeout), so between the starts
+    // nothing else writes through the lane and meets its dead connection.
+    svc.script("reserve.do", (0..12).map(|_| Reply::Hang).collect());
+    let req = || proto::StartSagaRequest {
+        definition: "order".into(),
+        version: 1,
+        input_json: "{}".into(),
+        ..Default::default()
+    };
+    let first = client
+        .start_saga(req())
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+
+    // A lane idle for a second pings its connection first and reconnects
+    // unseen; on a slow machine that can happen, so try a few times. Every
+    // failure must be UNAVAILABLE, and one must be seen.
+    let mut unavailable = 0;
+    for _ in 0..10 {
+        db.terminate_sessions(false).await;
+        match client.start_saga(req()).await {
+            Ok(_) => continue,
+            Err(err) => {
+                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+                assert_eq!(err.message(), "database unavailable; try again");
+                unavailable += 1;
+                break;
+            }
+        }
+    }
+    assert_eq!(unavailable, 1, "a StartSaga on a terminated connection");
+    // The lane reconnects: the caller's retry goes through.
+    client.start_saga(req()).await.unwrap();
+
+    db.terminate_sessions(true).await;
+    let err = client
+        .get_saga(proto::GetSagaRequest {
+            saga_id: first.saga_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let r = http(
+        coord.admin,
+        "GET",
+        &format!("/api/sagas/{}", first.saga_id),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"], "database unavailable; try again");
+    db.accept_connections().await;
+    client
+        .get_saga(proto::GetSagaRequest {
+            saga_id: first.saga_id,
+        })
+        .await
+        .unwrap();
 }

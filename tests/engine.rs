@@ -661,3 +661,91 @@ async fn no_live_instance_is_transient_and_heartbeats_register_endpoints() {
     assert_eq!(state(&saga), SagaState::Completed);
     assert_eq!(ghost.calls_to("a.do").len(), 1);
 }
+
+/// The caller keeps one channel per live participant instance: when an
+/// instance withdraws (or its heartbeat lapses), the next registry refresh
+/// drops its channel, and calls go to the instances that remain.
+#[tokio::test]
+async fn channels_of_dead_participant_instances_are_dropped() {
+    use std::sync::Arc;
+
+    use saga_coordinator::domain::{
+        CallResult, Defaults, DefinitionDraft, Phase, Saga, SagaId, StepDraft,
+    };
+    use saga_coordinator::participant::{CallerConfig, Invocation, Participants};
+    use saga_coordinator::store::{pg::PgStore, SagaStore};
+
+    let db = TestDb::new().await;
+    let pool = saga_coordinator::server::connect(&test_config(&db))
+        .await
+        .unwrap();
+    let store: Arc<dyn SagaStore> = Arc::new(PgStore::with_write_lanes(pool, 1));
+    let caller = Participants::new(
+        CallerConfig {
+            statics: Default::default(),
+            discovery_cache: Duration::ZERO,
+            connect_timeout: Duration::from_secs(2),
+            payload_bytes_max: 1 << 20,
+        },
+        store.clone(),
+    )
+    .unwrap();
+    let (a, b) = (Scripted::default(), Scripted::default());
+    let (url_a, url_b) = (a.clone().serve().await, b.clone().serve().await);
+    let ttl = Duration::from_secs(60);
+    store
+        .participant_heartbeat("svc", "a", &url_a, ttl)
+        .await
+        .unwrap();
+    store
+        .participant_heartbeat("svc", "b", &url_b, ttl)
+        .await
+        .unwrap();
+
+    let def = DefinitionDraft {
+        name: "one".into(),
+        steps: vec![StepDraft {
+            name: "s".into(),
+            participant: "svc".into(),
+            action: "s.do".into(),
+            idempotent: true,
+            ..Default::default()
+        }],
+        deadline: None,
+    }
+    .validate(&Defaults::default())
+    .unwrap();
+    let now = chrono::Utc::now();
+    let saga = Saga::new(SagaId(uuid::Uuid::new_v4()), &def, "{}".into(), now);
+    let call = || Invocation {
+        saga: &saga,
+        def: &def,
+        step: 0,
+        phase: Phase::Action,
+        attempt: 1,
+        timeout: Duration::from_secs(5),
+        deadline: now + chrono::Duration::seconds(5),
+    };
+    for _ in 0..2 {
+        assert!(matches!(
+            caller.invoke(call()).await,
+            CallResult::Succeeded(_)
+        ));
+    }
+    assert_eq!((a.calls().len(), b.calls().len()), (1, 1), "round robin");
+    assert_eq!(caller.channels(), 2);
+
+    // a withdraws (TTL 0): its channel goes at the next refresh.
+    store
+        .participant_heartbeat("svc", "a", &url_a, Duration::ZERO)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            caller.invoke(call()).await,
+            CallResult::Succeeded(_)
+        ));
+    }
+    assert_eq!(caller.channels(), 1);
+    assert_eq!((a.calls().len(), b.calls().len()), (1, 3));
+}

@@ -177,7 +177,9 @@ async fn creates_its_database_serves_health_and_stops_on_sigterm() {
             .await
             .unwrap();
     assert!(exists.0, "sagad created its database");
-    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .await
+    .unwrap();
 }

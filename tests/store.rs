@@ -115,7 +115,7 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
         .await
         .unwrap()
         .iter()
-        .all(|e| e.kind == "started"));
+        .all(|e| e.kind.as_str() == "started"));
 
     // B's write goes through.
     store
@@ -391,15 +391,18 @@ async fn lane_statements_find_sagas_by_key_whatever_the_statistics() {
         ),
     ];
     for (name, sql, types, args) in statements {
-        sqlx::query(&format!("PREPARE {name}({types}) AS {sql}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let plan: serde_json::Value =
-            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})"))
-                .fetch_one(&mut conn)
-                .await
-                .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PREPARE {name}({types}) AS {sql}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (FORMAT JSON) EXECUTE {name}({args})"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
         println!("generic plan for {name}: {plan}");
         let mut scans = Vec::new();
         table_scans(&plan, &mut scans);

@@ -10,10 +10,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{token_eq, AdminState, HttpError};
-use crate::api::ApiError;
+use super::{AdminState, HttpError};
+use crate::auth;
 use crate::domain::{Definition, Saga, SagaId, SagaState, ValidationError};
-use crate::ops::OperatorKind;
+use crate::ops::{self, OperatorKind, OpsError};
 use crate::store::{SagaQuery, StoredEvent};
 
 /// Filters shared by the page and the API.
@@ -95,17 +95,15 @@ impl Filters {
             stuck: stuck.then_some(st.cfg.stuck),
             created_before: self
                 .min_age_secs
-                .map(|secs| crate::api::older_than(now, std::time::Duration::from_secs(secs))),
+                .map(|secs| ops::older_than(now, std::time::Duration::from_secs(secs))),
             limit: self.page_size,
-            after: crate::api::decode_page_token(self.page_token.as_deref().unwrap_or(""))?,
+            after: ops::decode_page_token(self.page_token.as_deref().unwrap_or(""))?,
         })
     }
 }
 
-pub(super) fn parse_id(s: &str) -> Result<SagaId, ValidationError> {
-    uuid::Uuid::parse_str(s)
-        .map(SagaId)
-        .map_err(|_| ValidationError::new("saga_id", format!("{s:?} is not a UUID")))
+pub(super) fn parse_id(s: &str) -> Result<SagaId, OpsError> {
+    Ok(SagaId::parse("saga_id", s)?)
 }
 
 fn json_text(s: Option<&str>) -> Value {
@@ -164,7 +162,7 @@ pub(super) fn definition_json(d: &Definition, created_at: chrono::DateTime<chron
 }
 
 fn event_json(e: &StoredEvent) -> Value {
-    json!({"seq": e.seq, "at": e.at, "kind": e.kind, "step": e.step, "attempt": e.attempt, "detail": e.detail})
+    json!({"seq": e.seq, "at": e.at, "kind": e.kind.as_str(), "step": e.step, "attempt": e.attempt, "detail": e.detail})
 }
 
 type JsonResult = Result<Json<Value>, HttpError>;
@@ -176,7 +174,7 @@ pub(super) async fn stats(State(st): State<Arc<AdminState>>) -> JsonResult {
         .store
         .saga_counts(st.cfg.stuck, window)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(OpsError::from)?;
     let mut by_state = serde_json::Map::new();
     for s in SagaState::ALL {
         let n = counts
@@ -198,28 +196,26 @@ pub(super) async fn list(
     State(st): State<Arc<AdminState>>,
     Query(p): Query<HashMap<String, String>>,
 ) -> JsonResult {
-    let f = Filters::parse(&p, st.cfg.page_size, st.cfg.page_size_max).map_err(ApiError::from)?;
+    let f = Filters::parse(&p, st.cfg.page_rows_default, st.cfg.page_rows_max)
+        .map_err(OpsError::from)?;
     let page = st
         .ops
         .store
-        .saga_list(&f.query(&st, f.stuck).map_err(ApiError::from)?)
+        .saga_list(&f.query(&st, f.stuck).map_err(OpsError::from)?)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(OpsError::from)?;
     let mut sagas = Vec::with_capacity(page.sagas.len());
     for s in &page.sagas {
         let def = st.ops.definition(&s.definition, s.version).await?;
         sagas.push(saga_json(s, &def));
     }
     Ok(Json(
-        json!({"sagas": sagas, "next_page_token": page.next.map(crate::api::encode_page_token)}),
+        json!({"sagas": sagas, "next_page_token": page.next.map(ops::encode_page_token)}),
     ))
 }
 
 pub(super) async fn saga(State(st): State<Arc<AdminState>>, Path(id): Path<String>) -> JsonResult {
-    let rec = st
-        .ops
-        .record(parse_id(&id).map_err(ApiError::from)?)
-        .await?;
+    let rec = st.ops.record(parse_id(&id)?).await?;
     let def = st
         .ops
         .definition(&rec.saga.definition, rec.saga.version)
@@ -231,9 +227,9 @@ pub(super) async fn events(
     State(st): State<Arc<AdminState>>,
     Path(id): Path<String>,
 ) -> JsonResult {
-    let id = parse_id(&id).map_err(ApiError::from)?;
+    let id = parse_id(&id)?;
     st.ops.record(id).await?;
-    let events = st.ops.store.saga_events(id).await.map_err(ApiError::from)?;
+    let events = st.ops.store.saga_events(id).await.map_err(OpsError::from)?;
     Ok(Json(
         json!({"events": events.iter().map(event_json).collect::<Vec<_>>()}),
     ))
@@ -245,7 +241,7 @@ pub(super) async fn definitions(State(st): State<Arc<AdminState>>) -> JsonResult
         .store
         .definition_list()
         .await
-        .map_err(ApiError::from)?;
+        .map_err(OpsError::from)?;
     Ok(Json(
         json!({"definitions": defs.iter().map(|(d, at)| definition_json(d, *at)).collect::<Vec<_>>()}),
     ))
@@ -264,27 +260,10 @@ pub(super) async fn act(
     headers: HeaderMap,
     body: Result<Json<ActBody>, JsonRejection>,
 ) -> JsonResult {
-    if let Some(token) = &st.cfg.token {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match bearer {
-            None => {
-                return Err(HttpError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "send the admin token: Authorization: Bearer <token>",
-                ))
-            }
-            Some(t) if !token_eq(t, token) => {
-                return Err(HttpError::new(
-                    StatusCode::FORBIDDEN,
-                    "the admin token is wrong",
-                ))
-            }
-            Some(_) => {}
-        }
-    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    auth::check_admin_token(st.cfg.token.as_deref(), authorization)?;
     let kind = OperatorKind::parse(&action).ok_or_else(|| {
         HttpError::new(
             StatusCode::NOT_FOUND,
@@ -302,18 +281,13 @@ pub(super) async fn act(
             format!("body: {}", other.body_text()),
         ),
     })?;
-    let actor = headers
-        .get("x-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.chars()
-                .filter(|c| !c.is_control())
-                .take(64)
-                .collect::<String>()
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "api".into());
-    let id = parse_id(&id).map_err(ApiError::from)?;
+    let actor = auth::actor(
+        headers
+            .get(auth::ACTOR_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        "api",
+    );
+    let id = parse_id(&id)?;
     let (saga, def) = st.ops.operator(id, kind, &actor, &body.note).await?;
     Ok(Json(saga_json(&saga, &def)))
 }

@@ -28,9 +28,9 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ApiError;
+use crate::auth::AuthError;
 use crate::metrics::Metrics;
-use crate::ops::Ops;
+use crate::ops::{Ops, OpsError};
 use crate::store::StuckRule;
 
 /// Name of the session cookie.
@@ -47,10 +47,12 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// What "stuck" means.
     pub stuck: StuckRule,
-    /// Rows per page.
-    pub page_size: u32,
-    /// Largest page the JSON API serves.
-    pub page_size_max: u32,
+    /// Rows per page when the request asks for none.
+    pub page_rows_default: u32,
+    /// Largest page served.
+    pub page_rows_max: u32,
+    /// How long /readyz waits for the database.
+    pub readyz_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -125,12 +127,6 @@ impl AdminState {
     }
 }
 
-/// Compares secrets in time independent of where they differ.
-pub fn token_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn random_token() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -158,25 +154,45 @@ impl HttpError {
     }
 }
 
-impl From<ApiError> for HttpError {
-    fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::Invalid(v) => HttpError(
-                StatusCode::BAD_REQUEST,
-                json!({"error": v.to_string(), "field": v.field}),
-            ),
-            ApiError::NotFound(m) => HttpError::new(StatusCode::NOT_FOUND, m),
-            ApiError::AlreadyExists(m) | ApiError::FailedPrecondition(m) | ApiError::Aborted(m) => {
-                HttpError::new(StatusCode::CONFLICT, m)
-            }
-            ApiError::Store(e) => {
-                tracing::error!(error = %e, "admin: storage error");
-                HttpError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage unavailable; try again",
-                )
-            }
+/// The HTTP status for `e`, and what the client is told (JSON and HTML
+/// alike). Unavailable and internal errors are logged here with their
+/// detail, which the client never sees.
+fn ops_status(e: &OpsError) -> (StatusCode, String) {
+    let code = match e {
+        OpsError::Invalid(_) => StatusCode::BAD_REQUEST,
+        OpsError::NotFound(_) => StatusCode::NOT_FOUND,
+        OpsError::AlreadyExists(_) | OpsError::FailedPrecondition(_) | OpsError::Aborted(_) => {
+            StatusCode::CONFLICT
         }
+        OpsError::Unavailable { detail, .. } => {
+            tracing::warn!(error = %detail, "admin: answering 503");
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        OpsError::Internal(detail) => {
+            tracing::error!(error = %detail, "admin: internal error");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    (code, e.to_string())
+}
+
+impl From<OpsError> for HttpError {
+    fn from(e: OpsError) -> Self {
+        let (code, message) = ops_status(&e);
+        match e {
+            OpsError::Invalid(v) => HttpError(code, json!({"error": message, "field": v.field})),
+            _ => HttpError::new(code, message),
+        }
+    }
+}
+
+impl From<AuthError> for HttpError {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Missing => StatusCode::UNAUTHORIZED,
+            AuthError::Wrong => StatusCode::FORBIDDEN,
+        };
+        HttpError::new(code, e.to_string())
     }
 }
 
@@ -190,16 +206,16 @@ impl IntoResponse for HttpError {
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/", get(pages::list))
-        .route("/sagas/:id", get(pages::saga))
-        .route("/sagas/:id/action", post(pages::act))
+        .route("/sagas/{id}", get(pages::saga))
+        .route("/sagas/{id}/action", post(pages::act))
         .route("/definitions", get(pages::definitions))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/api/stats", get(json::stats))
         .route("/api/sagas", get(json::list))
-        .route("/api/sagas/:id", get(json::saga))
-        .route("/api/sagas/:id/events", get(json::events))
-        .route("/api/sagas/:id/:action", post(json::act))
+        .route("/api/sagas/{id}", get(json::saga))
+        .route("/api/sagas/{id}/events", get(json::events))
+        .route("/api/sagas/{id}/{action}", post(json::act))
         .route("/api/definitions", get(json::definitions))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -221,7 +237,7 @@ async fn readyz(
     axum::extract::State(st): axum::extract::State<Arc<AdminState>>,
 ) -> impl IntoResponse {
     let probe = sqlx::query("SELECT 1").execute(&st.pool);
-    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+    match tokio::time::timeout(st.cfg.readyz_timeout, probe).await {
         Ok(Ok(_)) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -11,10 +12,11 @@ use serde::Deserialize;
 
 use super::html::{age, esc, page, state_class, url};
 use super::json::{parse_id, Filters};
-use super::{token_eq, AdminState, SESSION_COOKIE, SESSION_TTL};
-use crate::api::ApiError;
+use super::{ops_status, AdminState, SESSION_COOKIE, SESSION_TTL};
+use crate::auth::{self, token_eq};
 use crate::domain::{Definition, Saga, SagaState};
 use crate::ops::OperatorKind;
+use crate::ops::OpsError;
 
 fn logged_in(st: &AdminState, headers: &HeaderMap) -> Option<bool> {
     st.cfg.token.as_ref().map(|_| st.session(headers).is_some())
@@ -28,20 +30,8 @@ fn error_page(st: &AdminState, headers: &HeaderMap, status: StatusCode, msg: &st
     (status, Html(page("Error", logged_in(st, headers), &body))).into_response()
 }
 
-fn api_error_page(st: &AdminState, headers: &HeaderMap, e: ApiError) -> Response {
-    let status = match &e {
-        ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-        ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::CONFLICT,
-    };
-    let msg = match &e {
-        ApiError::Store(inner) => {
-            tracing::error!(error = %inner, "admin page: storage error");
-            "storage unavailable; try again".to_owned()
-        }
-        other => other.to_string(),
-    };
+fn ops_error_page(st: &AdminState, headers: &HeaderMap, e: OpsError) -> Response {
+    let (status, msg) = ops_status(&e);
     error_page(st, headers, status, &msg)
 }
 
@@ -49,7 +39,7 @@ async fn saga_rows(
     st: &AdminState,
     sagas: &[Saga],
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<String, ApiError> {
+) -> Result<String, OpsError> {
     let mut rows = String::new();
     for s in sagas {
         let def = st.ops.definition(&s.definition, s.version).await?;
@@ -106,12 +96,12 @@ pub(super) async fn list(
 ) -> Response {
     match list_body(&st, &p).await {
         Ok(body) => Html(page("Sagas", logged_in(&st, &headers), &body)).into_response(),
-        Err(e) => api_error_page(&st, &headers, e),
+        Err(e) => ops_error_page(&st, &headers, e),
     }
 }
 
-async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<String, ApiError> {
-    let f = Filters::parse(p, st.cfg.page_size, st.cfg.page_size_max)?;
+async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<String, OpsError> {
+    let f = Filters::parse(p, st.cfg.page_rows_default, st.cfg.page_rows_max)?;
     let now = st.ops.worker.db_now();
     let counts = st
         .ops
@@ -170,7 +160,7 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
     );
     if f.page_token.is_none() {
         let mut stuck_q = f.query(st, true)?;
-        stuck_q.limit = st.cfg.page_size;
+        stuck_q.limit = st.cfg.page_rows_default;
         let stuck = st.ops.store.saga_list(&stuck_q).await?;
         let _ = write!(
             body,
@@ -192,7 +182,7 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
             .collect();
         q.push(format!(
             "page_token={}",
-            url(&crate::api::encode_page_token(next))
+            url(&crate::ops::encode_page_token(next))
         ));
         let _ = write!(
             body,
@@ -214,7 +204,7 @@ pub(super) async fn saga(
         Ok(body) => {
             Html(page(&format!("Saga {id}"), logged_in(&st, &headers), &body)).into_response()
         }
-        Err(e) => api_error_page(&st, &headers, e),
+        Err(e) => ops_error_page(&st, &headers, e),
     }
 }
 
@@ -223,7 +213,7 @@ async fn saga_body(
     headers: &HeaderMap,
     id: &str,
     p: &HashMap<String, String>,
-) -> Result<String, ApiError> {
+) -> Result<String, OpsError> {
     let id = parse_id(id)?;
     let rec = st.ops.record(id).await?;
     let (s, def) = (
@@ -291,7 +281,7 @@ async fn saga_body(
             body,
             "<li><span class=muted>{}</span> <b>{}</b>{}{} {}</li>",
             e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
-            esc(&e.kind),
+            esc(e.kind.as_str()),
             e.step
                 .as_deref()
                 .map(|s| format!(" · {}", esc(s)))
@@ -378,9 +368,9 @@ pub(super) async fn act(
     State(st): State<Arc<AdminState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    form: Option<Form<ActForm>>,
+    form: Result<Form<ActForm>, FormRejection>,
 ) -> Response {
-    let Some(Form(f)) = form else {
+    let Ok(Form(f)) = form else {
         return error_page(
             &st,
             &headers,
@@ -421,7 +411,7 @@ pub(super) async fn act(
     };
     let saga_id = match parse_id(&id) {
         Ok(i) => i,
-        Err(e) => return api_error_page(&st, &headers, e.into()),
+        Err(e) => return ops_error_page(&st, &headers, e),
     };
     let target = match st.ops.operator(saga_id, kind, &actor, &f.note).await {
         Ok((saga, _)) => format!(
@@ -431,7 +421,9 @@ pub(super) async fn act(
                 f.action, saga.state
             ))
         ),
-        Err(ApiError::Store(e)) => return api_error_page(&st, &headers, ApiError::Store(e)),
+        Err(e @ (OpsError::Unavailable { .. } | OpsError::Internal(_))) => {
+            return ops_error_page(&st, &headers, e)
+        }
         Err(e) => format!(
             "/sagas/{id}?error={}",
             url(&format!("{} refused: {e}", f.action))
@@ -444,7 +436,7 @@ pub(super) async fn act(
 pub(super) async fn definitions(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     let defs = match st.ops.store.definition_list().await {
         Ok(d) => d,
-        Err(e) => return api_error_page(&st, &headers, e.into()),
+        Err(e) => return ops_error_page(&st, &headers, e.into()),
     };
     let mut body = String::from("<h1>Definitions</h1>");
     if defs.is_empty() {
@@ -544,9 +536,9 @@ pub(super) struct LoginForm {
 pub(super) async fn login(
     State(st): State<Arc<AdminState>>,
     headers: HeaderMap,
-    form: Option<Form<LoginForm>>,
+    form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
-    let Some(Form(f)) = form else {
+    let Ok(Form(f)) = form else {
         return login_page(
             &st,
             &headers,
@@ -559,13 +551,8 @@ pub(super) async fn login(
     let Some(token) = &st.cfg.token else {
         return Redirect::to(&next).into_response();
     };
-    let name: String = f
-        .name
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
-    if name.trim().is_empty() {
+    let name = auth::actor(Some(&f.name), "");
+    if name.is_empty() {
         return login_page(
             &st,
             &headers,
@@ -583,7 +570,7 @@ pub(super) async fn login(
             Some("wrong token"),
         );
     }
-    let (id, _) = st.login(format!("web:{}", name.trim()));
+    let (id, _) = st.login(format!("web:{name}"));
     let cookie = format!(
         "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         SESSION_TTL.as_secs()

@@ -190,7 +190,7 @@ pub fn event_out(e: &StoredEvent) -> proto::SagaEvent {
     proto::SagaEvent {
         seq: e.seq.max(0) as u64,
         at: Some(timestamp_out(e.at)),
-        kind: e.kind.clone(),
+        kind: e.kind.as_str().to_owned(),
         step: e.step.clone().unwrap_or_default(),
         attempt: e.attempt,
         detail: e.detail.clone(),

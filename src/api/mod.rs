@@ -1,8 +1,8 @@
 //! `saga.v1.CoordinatorService`: the public gRPC API.
 //!
-//! Handlers validate, call the store or the worker, and convert. Each handler
-//! returns [`ApiError`], mapped to a status once (`status.rs`); nothing is
-//! written before every input check has passed.
+//! Handlers validate, call the store or the worker, and convert. The work is
+//! in methods returning [`OpsError`]; each RPC maps it to a status once
+//! (`status.rs`). Nothing is written before every input check has passed.
 
 pub mod convert;
 pub mod status;
@@ -10,22 +10,20 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::auth;
 use crate::domain::{check_name, Defaults, Definition, SagaId, ValidationError};
 use crate::metrics::Metrics;
-use crate::ops::{OperatorKind, Ops};
+use crate::ops::{self, OperatorKind, Ops, OpsError};
 use crate::participant::check_endpoint;
 use crate::proto;
 use crate::proto::coordinator_service_server::CoordinatorService;
 use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StuckRule};
 use crate::worker::Worker;
-pub use status::ApiError;
 
 /// API settings.
 #[derive(Debug, Clone)]
@@ -40,10 +38,10 @@ pub struct ApiConfig {
     pub wait_max: Duration,
     /// How often a waiter re-reads the saga if no notification arrives.
     pub wait_recheck: Duration,
-    /// `ListSagas` page size when unset, and its cap.
-    pub page_size_default: u32,
-    /// Largest page.
-    pub page_size_max: u32,
+    /// `ListSagas` rows when the request asks for none.
+    pub page_rows_default: u32,
+    /// Most `ListSagas` rows.
+    pub page_rows_max: u32,
     /// What "stuck" means.
     pub stuck: StuckRule,
     /// Heartbeat TTL when unset.
@@ -86,47 +84,38 @@ impl CoordinatorApi {
         }
     }
 
-    async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, ApiError> {
+    async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, OpsError> {
         self.ops.definition(name, version).await
     }
 
     /// With an admin token configured, operator RPCs need
     /// `authorization: Bearer <token>`.
     fn check_token<T>(&self, r: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.cfg.admin_token else {
-            return Ok(());
-        };
         let given = r
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        match given.and_then(|v| v.strip_prefix("Bearer ")) {
-            None => Err(Status::unauthenticated(
-                "operator actions need the admin token: send metadata authorization: Bearer <token>",
-            )),
-            Some(t) if crate::admin::token_eq(t, token) => Ok(()),
-            Some(_) => Err(Status::permission_denied("the admin token is wrong")),
-        }
+        auth::check_admin_token(self.cfg.admin_token.as_deref(), given).map_err(status::auth_status)
     }
 
-    async fn saga_out(&self, saga: &crate::domain::Saga) -> Result<proto::Saga, ApiError> {
+    async fn saga_out(&self, saga: &crate::domain::Saga) -> Result<proto::Saga, OpsError> {
         let def = self.definition(&saga.definition, saga.version).await?;
         Ok(convert::saga_out(saga, &def))
     }
 
-    async fn record(&self, id: SagaId) -> Result<SagaRecord, ApiError> {
+    async fn record(&self, id: SagaId) -> Result<SagaRecord, OpsError> {
         self.ops.record(id).await
     }
 
     async fn start(
         &self,
         r: proto::StartSagaRequest,
-    ) -> Result<proto::StartSagaResponse, ApiError> {
+    ) -> Result<proto::StartSagaResponse, OpsError> {
         check_name("definition", &r.definition, false)?;
         let id = if r.saga_id.is_empty() {
             SagaId(Uuid::new_v4())
         } else {
-            parse_id(&r.saga_id)?
+            SagaId::parse("saga_id", &r.saga_id)?
         };
         let input = self.json_input("input_json", r.input_json)?;
         let version = (r.version != 0).then_some(r.version);
@@ -135,8 +124,8 @@ impl CoordinatorApi {
             .definition_for_start(&r.definition, version)
             .await?
             .ok_or_else(|| match version {
-                Some(v) => ApiError::NotFound(format!("definition {}@{v} not found", r.definition)),
-                None => ApiError::NotFound(format!("definition {} not found", r.definition)),
+                Some(v) => OpsError::NotFound(format!("definition {}@{v} not found", r.definition)),
+                None => OpsError::NotFound(format!("definition {} not found", r.definition)),
             })?;
         let permit = self.worker.try_reserve();
         let owner = permit
@@ -169,7 +158,7 @@ impl CoordinatorApi {
                     && (version.is_none() || existing.version == def.version)
                     && json_eq(&existing.input, &input);
                 if !same {
-                    return Err(ApiError::AlreadyExists(format!(
+                    return Err(OpsError::AlreadyExists(format!(
                         "saga {id} already exists with another definition, version or input"
                     )));
                 }
@@ -201,8 +190,8 @@ impl CoordinatorApi {
         Ok(text)
     }
 
-    async fn wait(&self, r: proto::WaitSagaRequest) -> Result<proto::Saga, ApiError> {
-        let id = parse_id(&r.saga_id)?;
+    async fn wait(&self, r: proto::WaitSagaRequest) -> Result<proto::Saga, OpsError> {
+        let id = SagaId::parse("saga_id", &r.saga_id)?;
         let timeout = convert::duration_in("timeout", r.timeout.as_ref())?
             .unwrap_or(self.cfg.wait_default)
             .min(self.cfg.wait_max);
@@ -248,7 +237,7 @@ impl CoordinatorApi {
         }
     }
 
-    async fn list(&self, r: proto::ListSagasRequest) -> Result<proto::ListSagasResponse, ApiError> {
+    async fn list(&self, r: proto::ListSagasRequest) -> Result<proto::ListSagasResponse, OpsError> {
         let states = r
             .states
             .iter()
@@ -259,17 +248,17 @@ impl CoordinatorApi {
             check_name("definition", &r.definition, false)?;
         }
         let limit = match r.page_size {
-            0 => self.cfg.page_size_default,
-            n => n.min(self.cfg.page_size_max),
+            0 => self.cfg.page_rows_default,
+            n => n.min(self.cfg.page_rows_max),
         };
         let query = SagaQuery {
             states,
             definition: (!r.definition.is_empty()).then_some(r.definition),
             stuck: r.stuck_only.then_some(self.cfg.stuck),
             created_before: convert::duration_in("min_age", r.min_age.as_ref())?
-                .map(|age| older_than(self.worker.db_now(), age)),
+                .map(|age| ops::older_than(self.worker.db_now(), age)),
             limit,
-            after: decode_page_token(&r.page_token)?,
+            after: ops::decode_page_token(&r.page_token)?,
         };
         let page = self.store.saga_list(&query).await?;
         let mut sagas = Vec::with_capacity(page.sagas.len());
@@ -278,7 +267,7 @@ impl CoordinatorApi {
         }
         Ok(proto::ListSagasResponse {
             sagas,
-            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
+            next_page_token: page.next.map(ops::encode_page_token).unwrap_or_default(),
         })
     }
 
@@ -288,12 +277,15 @@ impl CoordinatorApi {
         note: &str,
         actor: String,
         kind: OperatorKind,
-    ) -> Result<proto::Saga, ApiError> {
-        let (saga, def) = self.ops.operator(parse_id(id)?, kind, &actor, note).await?;
+    ) -> Result<proto::Saga, OpsError> {
+        let (saga, def) = self
+            .ops
+            .operator(SagaId::parse("saga_id", id)?, kind, &actor, note)
+            .await?;
         Ok(convert::saga_out(&saga, &def))
     }
 
-    async fn heartbeat(&self, r: proto::HeartbeatRequest) -> Result<(), ApiError> {
+    async fn heartbeat(&self, r: proto::HeartbeatRequest) -> Result<(), OpsError> {
         check_name("participant", &r.participant, false)?;
         if r.instance_id.is_empty() || r.instance_id.len() > 128 {
             return Err(ValidationError::new("instance_id", "must be 1 to 128 bytes").into());
@@ -331,12 +323,6 @@ async fn next_change(rx: &mut broadcast::Receiver<Uuid>, id: Uuid) {
     }
 }
 
-fn parse_id(s: &str) -> Result<SagaId, ValidationError> {
-    Uuid::parse_str(s)
-        .map(SagaId)
-        .map_err(|_| ValidationError::new("saga_id", format!("{s:?} is not a UUID")))
-}
-
 fn json_eq(a: &str, b: &str) -> bool {
     match (
         serde_json::from_str::<serde_json::Value>(a),
@@ -347,54 +333,13 @@ fn json_eq(a: &str, b: &str) -> bool {
     }
 }
 
-/// `now - age`, saturating at the earliest representable time (an absurd
-/// age from a client must not panic).
-pub fn older_than(now: DateTime<Utc>, age: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(age)
-        .ok()
-        .and_then(|a| now.checked_sub_signed(a))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-/// An opaque page token for the keyset cursor `(created_at, saga_id)`.
-pub fn encode_page_token((at, id): (DateTime<Utc>, Uuid)) -> String {
-    let raw = format!("{}:{id}", at.timestamp_micros());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-}
-
-/// Parses [`encode_page_token`]'s output (empty = first page).
-pub fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ValidationError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || ValidationError::new("page_token", "not a token this server issued");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
-    let at = micros
-        .parse::<i64>()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(bad)?;
-    let id = Uuid::parse_str(id).map_err(|_| bad())?;
-    Ok(Some((at, id)))
-}
-
-/// Who performs an operator action: the `x-saga-actor` metadata, if any.
+/// Who performs an operator action: the actor metadata, if any.
 fn actor<T>(r: &Request<T>) -> String {
-    r.metadata()
-        .get("x-saga-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.chars()
-                .filter(|c| !c.is_control())
-                .take(64)
-                .collect::<String>()
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "grpc".into())
+    let raw = r
+        .metadata()
+        .get(auth::ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    auth::actor(raw, "grpc")
 }
 
 #[tonic::async_trait]
@@ -412,8 +357,8 @@ impl CoordinatorService for CoordinatorApi {
                 .store
                 .definition_get(&def.name, Some(def.version))
                 .await?
-                .ok_or_else(|| ApiError::NotFound("definition vanished".into()))?;
-            Ok::<_, ApiError>(proto::RegisterDefinitionResponse {
+                .ok_or_else(|| OpsError::NotFound("definition vanished".into()))?;
+            Ok::<_, OpsError>(proto::RegisterDefinitionResponse {
                 definition: Some(convert::definition_out(&def, Some(created_at))),
                 created,
             })
@@ -434,12 +379,12 @@ impl CoordinatorService for CoordinatorApi {
                 .definition_get(&r.name, version)
                 .await?
                 .ok_or_else(|| {
-                    ApiError::NotFound(format!(
+                    OpsError::NotFound(format!(
                         "definition {} (version {}) not found",
                         r.name, r.version
                     ))
                 })?;
-            Ok::<_, ApiError>(proto::GetDefinitionResponse {
+            Ok::<_, OpsError>(proto::GetDefinitionResponse {
                 definition: Some(convert::definition_out(&def, Some(at))),
             })
         };
@@ -450,7 +395,7 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         _r: Request<proto::ListDefinitionsRequest>,
     ) -> Rpc<proto::ListDefinitionsResponse> {
-        let defs = self.store.definition_list().await.map_err(ApiError::from)?;
+        let defs = self.store.definition_list().await.map_err(OpsError::from)?;
         Ok(Response::new(proto::ListDefinitionsResponse {
             definitions: defs
                 .iter()
@@ -468,8 +413,10 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn get_saga(&self, r: Request<proto::GetSagaRequest>) -> Rpc<proto::GetSagaResponse> {
         let run = async {
-            let rec = self.record(parse_id(&r.get_ref().saga_id)?).await?;
-            Ok::<_, ApiError>(proto::GetSagaResponse {
+            let rec = self
+                .record(SagaId::parse("saga_id", &r.get_ref().saga_id)?)
+                .await?;
+            Ok::<_, OpsError>(proto::GetSagaResponse {
                 saga: Some(self.saga_out(&rec.saga).await?),
             })
         };
@@ -494,10 +441,10 @@ impl CoordinatorService for CoordinatorApi {
         r: Request<proto::GetSagaEventsRequest>,
     ) -> Rpc<proto::GetSagaEventsResponse> {
         let run = async {
-            let id = parse_id(&r.get_ref().saga_id)?;
+            let id = SagaId::parse("saga_id", &r.get_ref().saga_id)?;
             self.record(id).await?;
             let events = self.store.saga_events(id).await?;
-            Ok::<_, ApiError>(proto::GetSagaEventsResponse {
+            Ok::<_, OpsError>(proto::GetSagaEventsResponse {
                 events: events.iter().map(convert::event_out).collect(),
             })
         };

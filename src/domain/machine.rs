@@ -26,6 +26,7 @@
 //! not. Terminal states absorb every fact.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::retry::{backoff, has_budget};
 use super::{CallResult, Definition, Fact, Phase, Saga, SagaState, StepKind, StepState};
@@ -82,8 +83,8 @@ impl Decision {
 /// One entry of a saga's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRecord {
-    /// e.g. `step_succeeded` (see [`event_kind`]).
-    pub kind: &'static str,
+    /// What happened.
+    pub kind: EventKind,
     /// Step name; `None` for saga-level events.
     pub step: Option<String>,
     /// Attempt number, 0 where none applies.
@@ -95,40 +96,56 @@ pub struct EventRecord {
     pub at: DateTime<Utc>,
 }
 
-/// The event kinds written to the history.
-pub mod event_kind {
-    /// The saga was started.
-    pub const STARTED: &str = "started";
-    /// A non-idempotent action is about to be invoked.
-    pub const STEP_STARTED: &str = "step_started";
-    /// An action succeeded.
-    pub const STEP_SUCCEEDED: &str = "step_succeeded";
-    /// An action was refused (no effect).
-    pub const STEP_FAILED: &str = "step_failed";
-    /// An attempt failed and another is scheduled.
-    pub const STEP_RETRY: &str = "step_retry";
-    /// An action's outcome is unknown and it will not be retried.
-    pub const STEP_UNKNOWN: &str = "step_unknown";
-    /// Compensation of the saga began.
-    pub const COMPENSATING: &str = "compensating";
-    /// A compensation attempt failed and another is scheduled.
-    pub const COMPENSATION_RETRY: &str = "compensation_retry";
-    /// A compensation succeeded.
-    pub const STEP_COMPENSATED: &str = "step_compensated";
-    /// Every step applied.
-    pub const COMPLETED: &str = "completed";
-    /// Every applied step compensated.
-    pub const COMPENSATED: &str = "compensated";
-    /// Parked for an operator.
-    pub const SUSPENDED: &str = "suspended";
-    /// The deadline passed before the pivot.
-    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
-    /// Operator retry.
-    pub const OPERATOR_RETRY: &str = "operator_retry";
-    /// Operator abort.
-    pub const OPERATOR_ABORT: &str = "operator_abort";
-    /// Operator resolve.
-    pub const OPERATOR_RESOLVE: &str = "operator_resolve";
+string_enum! {
+    /// The kinds of entry in a saga's history.
+    EventKind {
+        /// The saga was started.
+        Started = "started",
+        /// A non-idempotent action is about to be invoked.
+        StepStarted = "step_started",
+        /// An action succeeded.
+        StepSucceeded = "step_succeeded",
+        /// An action was refused (no effect).
+        StepFailed = "step_failed",
+        /// An attempt failed and another is scheduled.
+        StepRetry = "step_retry",
+        /// An action's outcome is unknown and it will not be retried.
+        StepUnknown = "step_unknown",
+        /// Compensation of the saga began.
+        Compensating = "compensating",
+        /// A compensation attempt failed and another is scheduled.
+        CompensationRetry = "compensation_retry",
+        /// A compensation succeeded.
+        StepCompensated = "step_compensated",
+        /// Every step applied.
+        Completed = "completed",
+        /// Every applied step compensated.
+        Compensated = "compensated",
+        /// Parked for an operator.
+        Suspended = "suspended",
+        /// The deadline passed before the pivot.
+        DeadlineExceeded = "deadline_exceeded",
+        /// Operator retry.
+        OperatorRetry = "operator_retry",
+        /// Operator abort.
+        OperatorAbort = "operator_abort",
+        /// Operator resolve.
+        OperatorResolve = "operator_resolve",
+    }
+}
+
+impl EventKind {
+    /// Whether this entry ends the saga's run or parks it (logged at
+    /// `info`; every other kind is hot-path detail, logged at `debug`).
+    pub fn is_settling(self) -> bool {
+        matches!(
+            self,
+            EventKind::Completed
+                | EventKind::Compensated
+                | EventKind::Suspended
+                | EventKind::OperatorResolve
+        )
+    }
 }
 
 /// A fact that does not apply to the saga as it stands.
@@ -358,6 +375,25 @@ pub fn decide(
     })
 }
 
+/// One action attempt's answer, with what the rules need to know about the
+/// step (see `Draft::action_result`).
+struct ActionAttempt {
+    i: usize,
+    attempt: u32,
+    name: String,
+    idempotent: bool,
+    kind: StepKind,
+    max_attempts: u32,
+    maybe_applied_before: bool,
+    budget_left: bool,
+    retry_at: DateTime<Utc>,
+}
+
+/// "step "x" used up its N attempts: why".
+fn used_up(name: &str, max_attempts: u32, err: &str) -> String {
+    format!("step {name:?} used up its {max_attempts} attempts: {err}")
+}
+
 /// A decision being built.
 struct Draft<'a> {
     saga: Saga,
@@ -368,7 +404,7 @@ struct Draft<'a> {
 }
 
 impl Draft<'_> {
-    fn event(&mut self, kind: &'static str, step: Option<usize>, attempt: u32, detail: String) {
+    fn event(&mut self, kind: EventKind, step: Option<usize>, attempt: u32, detail: String) {
         let step = step
             .and_then(|i| self.def.steps.get(i))
             .map(|s| s.name.clone());
@@ -404,7 +440,7 @@ impl Draft<'_> {
         step.attempts = attempt;
         step.next_attempt_at = None;
         self.changed.push(i);
-        self.event(event_kind::STEP_STARTED, Some(i), attempt, String::new());
+        self.event(EventKind::StepStarted, Some(i), attempt, String::new());
         Ok(())
     }
 
@@ -419,122 +455,163 @@ impl Draft<'_> {
         let Some(sd) = self.def.steps.get(i) else {
             return Err(TransitionError::Stale(format!("no step {i}")));
         };
-        let (idempotent, policy, kind) = (sd.idempotent, sd.retry, self.def.kind(i));
+        let (idempotent, policy) = (sd.idempotent, sd.retry);
         let name = self.step_name(i).to_owned();
         self.changed.push(i);
         let step = &mut self.saga.steps[i];
         step.attempts = step.attempts.max(attempt);
         step.next_attempt_at = None;
-        // A non-idempotent step is RUNNING only through this attempt's
-        // pre-write; an idempotent one only after an earlier unknown outcome.
-        let maybe_applied_before = step.state == StepState::Running && idempotent;
-        let budget_left = has_budget(&policy, attempt, step.budget_from);
-        let retry_at = self.now
-            + to_chrono(backoff(
-                &policy,
-                attempt - step.budget_from.min(attempt),
-                jitter,
-            ));
+        let a = ActionAttempt {
+            i,
+            attempt,
+            name,
+            idempotent,
+            kind: self.def.kind(i),
+            max_attempts: policy.max_attempts,
+            // A non-idempotent step is RUNNING only through this attempt's
+            // pre-write; an idempotent one only after an earlier unknown
+            // outcome.
+            maybe_applied_before: step.state == StepState::Running && idempotent,
+            budget_left: has_budget(&policy, attempt, step.budget_from),
+            retry_at: self.now
+                + to_chrono(backoff(
+                    &policy,
+                    attempt - step.budget_from.min(attempt),
+                    jitter,
+                )),
+        };
         match result {
-            CallResult::Succeeded(output) => {
-                step.state = StepState::Succeeded;
-                step.output = output;
-                step.last_error = None;
-                self.event(event_kind::STEP_SUCCEEDED, Some(i), attempt, String::new());
-                if current_step(&self.saga).is_none() {
-                    self.saga.state = SagaState::Completed;
-                    self.saga.error = None;
-                    self.event(event_kind::COMPLETED, None, 0, String::new());
-                }
-            }
-            CallResult::Failed(err) => {
-                step.last_error = Some(err.clone());
-                if kind == StepKind::Retriable {
-                    if !maybe_applied_before {
-                        step.state = StepState::Pending;
-                    }
-                    self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
-                    return self.suspend(format!(
-                        "step {name:?} refused after the pivot, where steps may not refuse: {err}"
-                    ));
-                }
-                // A refusal is authoritative: with the same idempotency key,
-                // a participant whose earlier attempt applied would have
-                // answered that attempt's result instead.
-                step.state = StepState::Failed;
-                self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
-                self.begin_compensation(format!("step {name:?} failed: {err}"));
-            }
-            CallResult::Retry(err) => {
-                step.last_error = Some(err.clone());
-                if !maybe_applied_before {
-                    step.state = StepState::Pending;
-                }
-                if budget_left {
-                    step.next_attempt_at = Some(retry_at);
-                    self.event(
-                        event_kind::STEP_RETRY,
-                        Some(i),
-                        attempt,
-                        format!("{err}; next attempt at {}", rfc3339(retry_at)),
-                    );
-                } else if kind == StepKind::Retriable {
-                    self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
-                    return self.suspend(format!(
-                        "step {name:?} used up its {} attempts: {err}",
-                        policy.max_attempts
-                    ));
-                } else {
-                    if !maybe_applied_before {
-                        step.state = StepState::Failed;
-                    }
-                    self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
-                    self.begin_compensation(format!(
-                        "step {name:?} used up its {} attempts: {err}",
-                        policy.max_attempts
-                    ));
-                }
-            }
-            CallResult::Transient(err) => {
-                step.last_error = Some(err.clone());
-                step.state = StepState::Running;
-                if idempotent && budget_left {
-                    step.next_attempt_at = Some(retry_at);
-                    self.event(
-                        event_kind::STEP_RETRY,
-                        Some(i),
-                        attempt,
-                        format!("{err}; next attempt at {}", rfc3339(retry_at)),
-                    );
-                    return Ok(());
-                }
-                let why = if idempotent {
-                    format!(
-                        "step {name:?} used up its {} attempts with its outcome unknown: {err}",
-                        policy.max_attempts
-                    )
-                } else {
-                    format!("step {name:?} is not idempotent and its outcome is unknown: {err}")
-                };
-                self.event(event_kind::STEP_UNKNOWN, Some(i), attempt, err);
-                if kind == StepKind::Compensatable {
-                    self.begin_compensation(why);
-                } else {
-                    return self.suspend(why);
-                }
-            }
+            CallResult::Succeeded(output) => self.action_succeeded(&a, output),
+            CallResult::Failed(err) => self.action_refused(&a, err),
+            CallResult::Retry(err) => self.action_not_now(&a, err),
+            CallResult::Transient(err) => self.action_unknown(&a, err),
             CallResult::Misconfigured(err) => {
-                step.last_error = Some(err.clone());
-                if !maybe_applied_before {
-                    step.state = StepState::Pending;
-                }
-                self.event(event_kind::STEP_FAILED, Some(i), attempt, err.clone());
-                return self.suspend(format!(
-                    "step {name:?}: participant refused the call: {err}"
-                ));
+                self.action_attempt_failed(&a, &err);
+                self.suspend(format!(
+                    "step {:?}: participant refused the call: {err}",
+                    a.name
+                ))
             }
         }
+    }
+
+    /// Records a failed attempt of an action: its error, and the step back to
+    /// PENDING unless an earlier attempt may have applied it.
+    fn action_attempt_failed(&mut self, a: &ActionAttempt, err: &str) {
+        let step = &mut self.saga.steps[a.i];
+        step.last_error = Some(err.to_owned());
+        if !a.maybe_applied_before {
+            step.state = StepState::Pending;
+        }
+        self.event(EventKind::StepFailed, Some(a.i), a.attempt, err.to_owned());
+    }
+
+    /// Schedules the next attempt of step `i`'s phase at `at`.
+    fn retry_at(&mut self, kind: EventKind, i: usize, attempt: u32, err: &str, at: DateTime<Utc>) {
+        self.saga.steps[i].next_attempt_at = Some(at);
+        let detail = format!("{err}; next attempt at {}", rfc3339(at));
+        self.event(kind, Some(i), attempt, detail);
+    }
+
+    fn action_succeeded(
+        &mut self,
+        a: &ActionAttempt,
+        output: Option<String>,
+    ) -> Result<(), TransitionError> {
+        let step = &mut self.saga.steps[a.i];
+        step.state = StepState::Succeeded;
+        step.output = output;
+        step.last_error = None;
+        self.event(
+            EventKind::StepSucceeded,
+            Some(a.i),
+            a.attempt,
+            String::new(),
+        );
+        if current_step(&self.saga).is_none() {
+            self.saga.state = SagaState::Completed;
+            self.saga.error = None;
+            self.event(EventKind::Completed, None, 0, String::new());
+        }
         Ok(())
+    }
+
+    /// A business refusal: authoritative (with the same idempotency key, a
+    /// participant whose earlier attempt applied would have answered that
+    /// attempt's result instead), so the step FAILED and the saga
+    /// compensates — unless the step is past the pivot, where refusing is not
+    /// allowed.
+    fn action_refused(&mut self, a: &ActionAttempt, err: String) -> Result<(), TransitionError> {
+        if a.kind == StepKind::Retriable {
+            self.action_attempt_failed(a, &err);
+            return self.suspend(format!(
+                "step {:?} refused after the pivot, where steps may not refuse: {err}",
+                a.name
+            ));
+        }
+        let step = &mut self.saga.steps[a.i];
+        step.last_error = Some(err.clone());
+        step.state = StepState::Failed;
+        self.event(EventKind::StepFailed, Some(a.i), a.attempt, err.clone());
+        self.begin_compensation(format!("step {:?} failed: {err}", a.name));
+        Ok(())
+    }
+
+    /// "Not now, nothing done": retried under the policy even when not
+    /// idempotent; out of budget, the saga compensates (or suspends past the
+    /// pivot).
+    fn action_not_now(&mut self, a: &ActionAttempt, err: String) -> Result<(), TransitionError> {
+        if a.budget_left {
+            let step = &mut self.saga.steps[a.i];
+            step.last_error = Some(err.clone());
+            if !a.maybe_applied_before {
+                step.state = StepState::Pending;
+            }
+            self.retry_at(EventKind::StepRetry, a.i, a.attempt, &err, a.retry_at);
+            return Ok(());
+        }
+        let why = used_up(&a.name, a.max_attempts, &err);
+        if a.kind == StepKind::Retriable {
+            self.action_attempt_failed(a, &err);
+            return self.suspend(why);
+        }
+        self.action_attempt_failed(a, &err);
+        if !a.maybe_applied_before {
+            self.saga.steps[a.i].state = StepState::Failed;
+        }
+        self.begin_compensation(why);
+        Ok(())
+    }
+
+    /// The outcome is unknown: retried if idempotent and in budget; else the
+    /// step may have taken effect — compensate it with the others before the
+    /// pivot, suspend from the pivot on.
+    fn action_unknown(&mut self, a: &ActionAttempt, err: String) -> Result<(), TransitionError> {
+        let step = &mut self.saga.steps[a.i];
+        step.last_error = Some(err.clone());
+        step.state = StepState::Running;
+        if a.idempotent && a.budget_left {
+            self.retry_at(EventKind::StepRetry, a.i, a.attempt, &err, a.retry_at);
+            return Ok(());
+        }
+        let why = if a.idempotent {
+            format!(
+                "step {:?} used up its {} attempts with its outcome unknown: {err}",
+                a.name, a.max_attempts
+            )
+        } else {
+            format!(
+                "step {:?} is not idempotent and its outcome is unknown: {err}",
+                a.name
+            )
+        };
+        self.event(EventKind::StepUnknown, Some(a.i), a.attempt, err);
+        if a.kind == StepKind::Compensatable {
+            self.begin_compensation(why);
+            Ok(())
+        } else {
+            self.suspend(why)
+        }
     }
 
     fn compensation_result(
@@ -567,26 +644,16 @@ impl Draft<'_> {
             CallResult::Succeeded(_) => {
                 step.state = StepState::Compensated;
                 step.last_error = None;
-                self.event(
-                    event_kind::STEP_COMPENSATED,
-                    Some(i),
-                    attempt,
-                    String::new(),
-                );
+                self.event(EventKind::StepCompensated, Some(i), attempt, String::new());
                 if next_compensation(&self.saga, self.def).is_none() {
                     self.saga.state = SagaState::Compensated;
-                    self.event(event_kind::COMPENSATED, None, 0, String::new());
+                    self.event(EventKind::Compensated, None, 0, String::new());
                 }
                 return Ok(());
             }
             CallResult::Misconfigured(err) => {
                 step.last_error = Some(err.clone());
-                self.event(
-                    event_kind::COMPENSATION_RETRY,
-                    Some(i),
-                    attempt,
-                    err.clone(),
-                );
+                self.event(EventKind::CompensationRetry, Some(i), attempt, err.clone());
                 return self.suspend(format!(
                     "compensation of step {name:?}: participant refused the call: {err}"
                 ));
@@ -598,25 +665,12 @@ impl Draft<'_> {
         if has_budget(&policy, attempt, step.budget_from) {
             let n = attempt - step.budget_from.min(attempt);
             let at = self.now + to_chrono(backoff(&policy, n, jitter));
-            step.next_attempt_at = Some(at);
-            self.event(
-                event_kind::COMPENSATION_RETRY,
-                Some(i),
-                attempt,
-                format!("{err}; next attempt at {}", rfc3339(at)),
-            );
+            self.retry_at(EventKind::CompensationRetry, i, attempt, &err, at);
             Ok(())
         } else {
-            self.event(
-                event_kind::COMPENSATION_RETRY,
-                Some(i),
-                attempt,
-                err.clone(),
-            );
-            self.suspend(format!(
-                "compensation of step {name:?} used up its {} attempts: {err}",
-                policy.max_attempts
-            ))
+            self.event(EventKind::CompensationRetry, Some(i), attempt, err.clone());
+            let why = used_up(&name, policy.max_attempts, &err);
+            self.suspend(format!("compensation of {why}"))
         }
     }
 
@@ -626,7 +680,7 @@ impl Draft<'_> {
         }
         let at = self.saga.deadline_at.map(rfc3339).unwrap_or_default();
         self.event(
-            event_kind::DEADLINE_EXCEEDED,
+            EventKind::DeadlineExceeded,
             None,
             0,
             format!("deadline was {at}"),
@@ -641,11 +695,11 @@ impl Draft<'_> {
         self.saga.state = SagaState::Compensating;
         self.saga.suspended_from = None;
         self.saga.error = Some(reason.clone());
-        self.event(event_kind::COMPENSATING, None, 0, reason);
+        self.event(EventKind::Compensating, None, 0, reason);
         if next_compensation(&self.saga, self.def).is_none() {
             self.saga.state = SagaState::Compensated;
             self.event(
-                event_kind::COMPENSATED,
+                EventKind::Compensated,
                 None,
                 0,
                 "no step had taken effect".into(),
@@ -657,7 +711,7 @@ impl Draft<'_> {
         self.saga.suspended_from = Some(self.saga.state);
         self.saga.state = SagaState::Suspended;
         self.saga.error = Some(reason.clone());
-        self.event(event_kind::SUSPENDED, None, 0, reason);
+        self.event(EventKind::Suspended, None, 0, reason);
         Ok(())
     }
 
@@ -698,7 +752,7 @@ impl Draft<'_> {
         self.saga.state = resume;
         self.saga.suspended_from = None;
         self.event(
-            event_kind::OPERATOR_RETRY,
+            EventKind::OperatorRetry,
             None,
             0,
             operator_detail(actor, note),
@@ -736,7 +790,7 @@ impl Draft<'_> {
             }
         }
         let detail = operator_detail(actor, note);
-        self.event(event_kind::OPERATOR_ABORT, None, 0, detail.clone());
+        self.event(EventKind::OperatorAbort, None, 0, detail.clone());
         self.saga.state = SagaState::Running;
         self.begin_compensation(format!("aborted by operator ({detail})"));
         Ok(())
@@ -752,7 +806,7 @@ impl Draft<'_> {
         self.saga.state = SagaState::Resolved;
         self.saga.suspended_from = None;
         self.event(
-            event_kind::OPERATOR_RESOLVE,
+            EventKind::OperatorResolve,
             None,
             0,
             operator_detail(actor, note),

@@ -8,39 +8,23 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SagaId(pub Uuid);
 
+impl SagaId {
+    /// Parses a saga id given in `field` (the one parser for every edge).
+    /// Bad input is named by its field, and not echoed whole: an id longer
+    /// than a UUID is cut in the message.
+    pub fn parse(field: &str, s: &str) -> Result<SagaId, crate::domain::ValidationError> {
+        Uuid::parse_str(s).map(SagaId).map_err(|_| {
+            let shown: String = s.chars().take(40).collect();
+            let more = if shown.len() < s.len() { "…" } else { "" };
+            crate::domain::ValidationError::new(field, format!("{shown:?}{more} is not a UUID"))
+        })
+    }
+}
+
 impl std::fmt::Display for SagaId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
-}
-
-macro_rules! string_enum {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name { $($(#[$vm])* $variant),+ }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The upper-case name stored in the database and shown to people.
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-
-            /// Parses [`Self::as_str`]'s output.
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($text => Some($name::$variant),)+ _ => None }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
 }
 
 string_enum! {

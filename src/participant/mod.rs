@@ -5,7 +5,10 @@
 //! (`--participant NAME=URL`) plus the live instances registered by
 //! heartbeat, cached for a short while. Calls are spread round robin; an
 //! endpoint that just answered `UNAVAILABLE` is skipped on the next try while
-//! another is available. Classification follows DESIGN.md's outcome table to
+//! another is available. One channel is kept per endpoint; when a refresh
+//! of the registry no longer lists an instance (its heartbeat lapsed, or it
+//! withdrew), its channel is dropped, so instances coming and going do not
+//! pile up connections. Classification follows DESIGN.md's outcome table to
 //! the letter (see [`classify_status`]).
 
 use std::collections::HashMap;
@@ -200,8 +203,42 @@ impl Participants {
                 CallResult::Transient("UNAVAILABLE: participant registry unavailable".into())
             })?;
         let eps = Arc::new(eps);
-        lock(&self.discovered).insert(participant.to_owned(), (Instant::now(), eps.clone()));
+        let before =
+            lock(&self.discovered).insert(participant.to_owned(), (Instant::now(), eps.clone()));
+        if let Some((_, before)) = before {
+            let gone: Vec<&String> = before.iter().filter(|e| !eps.contains(e)).collect();
+            if !gone.is_empty() {
+                self.forget(&gone);
+            }
+        }
         Ok(eps)
+    }
+
+    /// Drops the channels of endpoints that are no longer live: neither
+    /// static nor listed for any participant.
+    fn forget(&self, gone: &[&String]) {
+        let still_listed = |e: &String| {
+            self.cfg.statics.values().any(|urls| urls.contains(e))
+                || lock(&self.discovered)
+                    .values()
+                    .any(|(_, eps)| eps.contains(e))
+        };
+        let dead: Vec<&String> = gone.iter().copied().filter(|e| !still_listed(e)).collect();
+        let mut clients = lock(&self.clients);
+        for e in &dead {
+            clients.remove(*e);
+        }
+        drop(clients);
+        let mut down = lock(&self.unavailable);
+        for e in &dead {
+            down.remove(*e);
+        }
+    }
+
+    /// How many participant channels are open (one per live endpoint that
+    /// has been called).
+    pub fn channels(&self) -> usize {
+        lock(&self.clients).len()
     }
 
     fn client(&self, endpoint: &str) -> Result<ParticipantServiceClient<Channel>, String> {
@@ -295,7 +332,7 @@ pub fn idempotency_key(saga: &Saga, step: &str, phase: Phase) -> String {
 pub fn classify_status(status: &Status) -> CallResult {
     let text = clean(&format!(
         "{}: {}",
-        code_name(status.code()),
+        proto::status_code_name(status.code()),
         status.message()
     ));
     match status.code() {
@@ -318,29 +355,6 @@ pub fn classify_status(status: &Status) -> CallResult {
         | Code::Unauthenticated
         | Code::DataLoss
         | Code::AlreadyExists => CallResult::Misconfigured(text),
-    }
-}
-
-/// The canonical gRPC name of a code (`UNAVAILABLE`), as other stacks print it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

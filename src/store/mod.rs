@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::{Decision, Definition, Saga, SagaId, SagaState};
+use crate::domain::{Decision, Definition, EventKind, Saga, SagaId, SagaState};
 
 /// Identifies one coordinator process (a fresh UUID per start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,8 +144,8 @@ pub struct StoredEvent {
     pub seq: i64,
     /// When (database clock).
     pub at: DateTime<Utc>,
-    /// Kind (see `domain::event_kind`).
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// Step name.
     pub step: Option<String>,
     /// Attempt.
@@ -163,8 +163,9 @@ pub enum Hold {
     Release(Option<DateTime<Utc>>),
 }
 
-/// Storage errors.
-#[derive(Debug, thiserror::Error)]
+/// What a store call can fail with: what happened, not which driver failed
+/// (each store turns its driver's errors into these at its own edge).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The lease's epoch is no longer current: someone else drives the saga.
     #[error("lease lost: another coordinator or an operator took the saga over")]
@@ -175,18 +176,18 @@ pub enum StoreError {
     /// The saga is being driven right now.
     #[error("the saga is being driven by a coordinator right now")]
     Busy,
-    /// Stored data that does not parse.
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    /// The database failed.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// A database error shared by every request of a batched write.
-    #[error("database error: {0}")]
-    Shared(std::sync::Arc<sqlx::Error>),
+    /// The database cannot be reached right now (connection lost, server
+    /// restarting or shutting down, no free connection): the same call may
+    /// succeed later. The text is the driver's, for the log.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// The store is shutting down.
     #[error("the store is shutting down")]
     Stopped,
+    /// Anything else: a query the database refused, stored data that does not
+    /// parse. A bug, not a condition to retry. The text is for the log.
+    #[error("store error: {0}")]
+    Internal(String),
 }
 
 /// Every query the coordinator makes.

@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -452,7 +451,7 @@ impl Worker {
         unwritten: &mut Unwritten,
     ) -> Option<Held> {
         let now = self.clock.now();
-        let jitter: f64 = rand::thread_rng().gen();
+        let jitter: f64 = rand::random();
         let keepable = deferrable(&fact, def);
         let decision = match decide(saga, def, fact, now, jitter) {
             Ok(d) => d,
@@ -631,9 +630,17 @@ struct Unwritten {
     since: Option<std::time::Instant>,
 }
 
+/// Logs a decision's events: the saga's settling at `info`, the rest (one
+/// per step attempt: the hot path) at `debug`.
 fn log_events(events: &[EventRecord]) {
     for e in events {
-        tracing::info!(kind = e.kind, step = e.step.as_deref(), attempt = e.attempt, detail = %e.detail, "saga event");
+        let (kind, step, attempt, detail) =
+            (e.kind.as_str(), e.step.as_deref(), e.attempt, &e.detail);
+        if e.kind.is_settling() {
+            tracing::info!(kind, step, attempt, %detail, "saga event");
+        } else {
+            tracing::debug!(kind, step, attempt, %detail, "saga event");
+        }
     }
 }
 

@@ -39,7 +39,7 @@ impl TestDb {
             panic!("tests need PostgreSQL: cannot connect to {admin} ({e}); set DATABASE_URL to a server where the role may create databases")
         });
         let name = format!("sagatest_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await
             .unwrap();
         let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap();
@@ -51,6 +51,29 @@ impl TestDb {
 
     pub async fn pool(&self) -> sqlx::PgPool {
         sqlx::PgPool::connect(&self.url).await.unwrap()
+    }
+
+    /// Ends every session of this database from outside, as a PostgreSQL
+    /// restart does; with `refuse_new`, new connections are refused until
+    /// [`TestDb::accept_connections`].
+    pub async fn terminate_sessions(&self, refuse_new: bool) {
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        if refuse_new {
+            let sql = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false", self.name);
+            admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+        }
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    /// Lets connections in again after `terminate_sessions(true)`.
+    pub async fn accept_connections(&self) {
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        let sql = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true", self.name);
+        admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
     }
 }
 
@@ -66,7 +89,9 @@ impl Drop for TestDb {
             rt.block_on(async {
                 if let Ok(mut c) = PgConnection::connect(&admin).await {
                     let _ = c
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
                         .await;
                 }
             });

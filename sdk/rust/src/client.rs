@@ -53,6 +53,23 @@ pub enum ClientError {
     Status(Box<Status>),
 }
 
+impl ClientError {
+    /// The gRPC status code this error stands for: the coordinator's answer,
+    /// or the code a local refusal would have had (`Definition` →
+    /// `INVALID_ARGUMENT`, `Connect` → `UNAVAILABLE`).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Connect { .. } | ClientError::Unavailable(_) => Code::Unavailable,
+            ClientError::InvalidArgument(_) | ClientError::Definition(_) => Code::InvalidArgument,
+            ClientError::NotFound(_) => Code::NotFound,
+            ClientError::AlreadyExists(_) => Code::AlreadyExists,
+            ClientError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ClientError::Json(_) | ClientError::Protocol(_) => Code::Internal,
+            ClientError::Status(s) => s.code(),
+        }
+    }
+}
+
 impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
         let m = s.message().to_owned();
@@ -112,6 +129,20 @@ impl SagaState {
     pub fn is_settled(self) -> bool {
         !matches!(self, SagaState::Running | SagaState::Compensating)
     }
+
+    /// Upper-case name, as the coordinator's contract spells it (`RUNNING`).
+    pub fn as_str(self) -> &'static str {
+        self.to_proto()
+            .as_str_name()
+            .trim_start_matches("SAGA_STATE_")
+    }
+
+    /// Parses a name in any case (`suspended`, `SUSPENDED`).
+    pub fn parse(name: &str) -> Option<SagaState> {
+        let wire = format!("SAGA_STATE_{}", name.to_ascii_uppercase());
+        let v = proto::SagaState::from_str_name(&wire)?;
+        SagaState::from_proto(v as i32).ok()
+    }
 }
 
 /// A step's state.
@@ -142,6 +173,18 @@ impl StepState {
             Ok(proto::StepState::Compensated) => StepState::Compensated,
             _ => return Err(ClientError::Protocol(format!("unknown step state {v}"))),
         })
+    }
+
+    /// Upper-case name, as the coordinator's contract spells it (`SUCCEEDED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "PENDING",
+            StepState::Running => "RUNNING",
+            StepState::Succeeded => "SUCCEEDED",
+            StepState::Failed => "FAILED",
+            StepState::Compensating => "COMPENSATING",
+            StepState::Compensated => "COMPENSATED",
+        }
     }
 }
 
@@ -304,6 +347,7 @@ pub struct SagaPage {
 pub struct Client {
     inner: CoordinatorServiceClient<Channel>,
     actor: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// How long a call may take, beyond which it fails (`WaitSaga` gets its own
@@ -329,6 +373,7 @@ impl Client {
         Ok(Client {
             inner: CoordinatorServiceClient::new(channel),
             actor: None,
+            authorization: None,
         })
     }
 
@@ -341,13 +386,42 @@ impl Client {
         Ok(self)
     }
 
+    /// Sends `token` as `authorization: Bearer <token>` with every call
+    /// (the coordinator's admin token, for operator calls). The token is
+    /// kept out of `Debug` output.
+    pub fn with_token(mut self, token: &str) -> Result<Client, ClientError> {
+        let mut v: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::InvalidArgument("the token is not printable ASCII".into()))?;
+        v.set_sensitive(true);
+        self.authorization = Some(v);
+        Ok(self)
+    }
+
     fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(timeout);
         if let Some(actor) = &self.actor {
             r.metadata_mut().insert("x-saga-actor", actor.clone());
         }
+        if let Some(auth) = &self.authorization {
+            r.metadata_mut().insert("authorization", auth.clone());
+        }
         r
+    }
+
+    /// Every version of every registered definition, by name then version.
+    pub async fn definitions(&self) -> Result<Vec<SagaDefinition>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .list_definitions(self.request(proto::ListDefinitionsRequest {}, CALL_TIMEOUT))
+            .await?
+            .into_inner();
+        Ok(r.definitions
+            .into_iter()
+            .map(|proto| SagaDefinition { proto })
+            .collect())
     }
 
     /// Registers a definition; returns it with its version, and whether the

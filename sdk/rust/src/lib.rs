@@ -102,8 +102,6 @@ pub use participant::{
     StepContext, StepError,
 };
 
-/// The generated `saga.v1` wire types, for code that needs them directly.
-pub mod proto {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("saga.v1");
-}
+/// The `saga.v1` wire types (the `saga-proto` crate), for code that needs
+/// them directly: the same types `sagad` uses.
+pub use saga_proto as proto;

@@ -337,7 +337,7 @@ async fn a_participant_known_by_heartbeat_is_called_until_it_withdraws() {
 async fn the_participant_shares_a_tonic_server_with_other_services() {
     let e = env().await;
     let p = inventory(Arc::default());
-    let (mut reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<saga_sdk::proto::participant_service_server::ParticipantServiceServer<Participant>>().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

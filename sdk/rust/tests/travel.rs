@@ -36,12 +36,14 @@ async fn one_trip_completes_and_one_is_compensated() {
     let status = |table: &'static str, id: uuid::Uuid| {
         let pool = pool.clone();
         async move {
-            sqlx::query(&format!("SELECT status FROM {table} WHERE saga_id = $1"))
-                .bind(id.to_string())
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                .get::<String, _>(0)
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT status FROM {table} WHERE saga_id = $1"
+            )))
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .get::<String, _>(0)
         }
     };
     assert_eq!(status("flight_bookings", sagas[0].id).await, "booked");

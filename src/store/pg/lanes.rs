@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use super::{CHANNEL_DUE, CHANNEL_SETTLED};
-use crate::domain::event_kind;
+use crate::domain::EventKind;
 use crate::metrics::DbWrites;
 use crate::store::StoreError;
 
@@ -114,10 +114,10 @@ impl Job {
             Job::Save(r, _) => r.saga_id,
         }
     }
-    fn fail(self, e: &Arc<sqlx::Error>) {
+    fn fail(self, e: &StoreError) {
         match self {
-            Job::Create(_, tx) => drop(tx.send(Err(StoreError::Shared(e.clone())))),
-            Job::Save(_, tx) => drop(tx.send(Err(StoreError::Shared(e.clone())))),
+            Job::Create(_, tx) => drop(tx.send(Err(e.clone()))),
+            Job::Save(_, tx) => drop(tx.send(Err(e.clone()))),
         }
     }
 }
@@ -274,7 +274,9 @@ async fn run(
     *last_used = Instant::now();
     // A failed batch is retried request by request below, and those
     // statements count its requests.
-    let retried = matches!(result, Err(sqlx::Error::Database(_))) && batch.len() > 1;
+    // A lost connection fails every request alike: nothing to retry here.
+    let lost = matches!(&result, Err(e) if super::is_connection_loss(e));
+    let retried = matches!(result, Err(sqlx::Error::Database(_))) && batch.len() > 1 && !lost;
     let requests = if retried { 0 } else { batch.len() };
     stats.statement(requests, last_used.duration_since(started));
     match result {
@@ -288,19 +290,19 @@ async fn run(
                 }
             }
         }
-        Err(sqlx::Error::Database(e)) if batch.len() > 1 => {
+        Err(sqlx::Error::Database(e)) if retried => {
             tracing::warn!(error = %e, n = batch.len(), "a batched write failed; writing its requests one by one");
             for job in batch {
                 Box::pin(run(conn, options, last_used, vec![job], stats)).await;
             }
         }
         Err(e) => {
-            if !matches!(e, sqlx::Error::Database(_)) {
+            if lost || !matches!(e, sqlx::Error::Database(_)) {
                 // The connection may be broken, and whether the statement
                 // committed is unknown: callers treat it as such.
                 *conn = None;
             }
-            let e = Arc::new(e);
+            let e = StoreError::from(e);
             for job in batch {
                 job.fail(&e);
             }
@@ -451,7 +453,7 @@ async fn write_creates(c: &mut PgConnection, batch: &[Job]) -> Result<Vec<PgRow>
         .bind(rows.iter().map(|r| r.owner).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.ttl_ms).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>())
-        .bind(event_kind::STARTED)
+        .bind(EventKind::Started.as_str())
         .fetch_all(c)
         .await
 }

@@ -23,10 +23,56 @@ use super::{
     Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaCounts, SagaPage, SagaQuery, SagaRecord,
     SagaStore, StoreError, StoredEvent, StuckRule,
 };
-use crate::domain::{Decision, Definition, EventRecord, SagaId};
+use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
 use lanes::{CreateRow, EventRow, Lanes, SaveRow};
 use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
+
+/// The store seam's error for a driver error: connection loss — I/O, TLS,
+/// pool time-outs, a closed pool, an error of severity FATAL or PANIC (the
+/// server ended the session, or refused to open one: shutting down,
+/// restarting, not accepting connections), SQLSTATE classes 08 (connection
+/// exception), 57 (operator intervention: a terminated backend), 53
+/// (insufficient resources, such as too many connections) and 58 (system
+/// error) — is `Unavailable`, so callers retry; anything else is `Internal`.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_connection_loss(&e) {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Internal(e.to_string())
+        }
+    }
+}
+
+/// Whether `e` means the database could not be reached or dropped the
+/// connection (see `From<sqlx::Error> for StoreError`).
+pub fn is_connection_loss(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let fatal = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                });
+            fatal
+                || db
+                    .code()
+                    .is_some_and(|c| ["08", "53", "57", "58"].iter().any(|k| c.starts_with(k)))
+        }
+        // A connection that the server closed mid-message.
+        sqlx::Error::Protocol(m) => m.contains("unexpected end") || m.contains("closed"),
+        _ => false,
+    }
+}
 
 /// Notification channel: a saga settled (terminal or suspended).
 pub const CHANNEL_SETTLED: &str = "sagad_settled";
@@ -131,7 +177,7 @@ struct EventArrays {
 
 fn event_arrays(events: &[EventRecord]) -> EventArrays {
     EventArrays {
-        kinds: events.iter().map(|e| e.kind).collect(),
+        kinds: events.iter().map(|e| e.kind.as_str()).collect(),
         steps: events.iter().map(|e| e.step.clone()).collect(),
         attempts: events.iter().map(|e| e.attempt as i32).collect(),
         details: events.iter().map(|e| e.detail.clone()).collect(),
@@ -169,8 +215,8 @@ impl SagaStore for PgStore {
             version: next_version,
             ..def
         };
-        let content =
-            serde_json::to_value(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let content = serde_json::to_value(&stored)
+            .map_err(|e| StoreError::Internal(format!("definition: {e}")))?;
         sqlx::query("INSERT INTO saga_definitions (name, version, content) VALUES ($1, $2, $3)")
             .bind(&stored.name)
             .bind(next_version as i32)
@@ -257,7 +303,7 @@ impl SagaStore for PgStore {
                     (lease_until IS NOT NULL AND lease_until > now()) AS leased
              FROM sagas s WHERE saga_id = $1"
         );
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
@@ -287,7 +333,7 @@ impl SagaStore for PgStore {
         };
         let sql = saga_list_sql();
         let limit = i64::from(q.limit.max(1));
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&states)
             .bind(q.definition.as_deref())
             .bind(q.created_before)
@@ -350,7 +396,12 @@ impl SagaStore for PgStore {
                 Ok(StoredEvent {
                     seq: r.try_get("seq")?,
                     at: r.try_get("at")?,
-                    kind: r.try_get("kind")?,
+                    kind: {
+                        let k: String = r.try_get("kind")?;
+                        EventKind::parse(&k).ok_or_else(|| {
+                            StoreError::Internal(format!("corrupt stored event kind {k:?}"))
+                        })?
+                    },
                     step: r.try_get("step")?,
                     attempt: r.try_get::<i32, _>("attempt")?.max(0) as u32,
                     detail: r.try_get("detail")?,
@@ -390,7 +441,7 @@ impl SagaStore for PgStore {
                 .iter()
                 .map(|e| EventRow {
                     at: e.at,
-                    kind: e.kind,
+                    kind: e.kind.as_str(),
                     step: e.step.clone(),
                     attempt: e.attempt.min(i32::MAX as u32) as i32,
                     detail: e.detail.clone(),
@@ -492,7 +543,7 @@ impl SagaStore for PgStore {
              RETURNING {SAGA_COLUMNS}, s.lease_epoch, s.lease_until, now() AS db_now,
                        due.prev_owner IS NOT NULL AS unclean"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(owner.0)
             .bind(millis(ttl))
             .bind(i64::from(limit))

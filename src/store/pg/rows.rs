@@ -33,7 +33,7 @@ struct StoredStep {
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
+    StoreError::Internal(format!("corrupt stored {what}: {e}"))
 }
 
 /// `sagas.steps` (JSON text) from the domain's steps.

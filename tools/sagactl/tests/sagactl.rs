@@ -1,6 +1,9 @@
 //! `sagactl`, the binary, against a live `sagad`.
 #![allow(clippy::unwrap_used)]
 
+// The coordinator's test harness (a fresh database, sagad in-process,
+// scripted participants), shared with the root package's tests.
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use common::*;

@@ -1,4 +1,4 @@
-//! `sagactl`: the command line for operators, over the gRPC API.
+//! `sagactl`: the command line for operators, on the SDK's client.
 //!
 //! Exit codes, for scripts: 0 done; 1 the coordinator refused (bad
 //! argument, wrong state, missing or wrong token); 2 bad usage or an
@@ -6,16 +6,18 @@
 //! be reached or is unavailable; 5 anything else.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
+use saga_sdk::proto::status_code_name;
+use saga_sdk::{
+    Client, ClientError, ListQuery, RetryPolicy, Saga, SagaDefinition, SagaEvent, SagaState,
+    StepState, StepStatus,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
-
-use crate::proto;
-use crate::proto::coordinator_service_client::CoordinatorServiceClient;
+use tonic::Code;
+use uuid::Uuid;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -142,47 +144,49 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
     }
 }
 
-impl From<Status> for Failure {
-    fn from(s: Status) -> Self {
-        let code = match s.code() {
-            Code::NotFound => 3,
-            Code::Unavailable | Code::DeadlineExceeded => 4,
-            Code::InvalidArgument
-            | Code::FailedPrecondition
-            | Code::AlreadyExists
-            | Code::Aborted
-            | Code::Unauthenticated
-            | Code::PermissionDenied => 1,
-            _ => 5,
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = e.code();
+        let exit = match &e {
+            ClientError::Connect { .. } => 4,
+            _ => match code {
+                Code::NotFound => 3,
+                Code::Unavailable | Code::DeadlineExceeded => 4,
+                Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::Aborted
+                | Code::Unauthenticated
+                | Code::PermissionDenied => 1,
+                _ => 5,
+            },
         };
-        fail(
-            code,
-            format!(
-                "{}: {}",
-                crate::participant::code_name(s.code()),
-                s.message()
-            ),
-        )
+        let message = match e {
+            ClientError::Connect { url, source } => {
+                format!("cannot reach the coordinator at {url}: {source}")
+            }
+            ClientError::Status(s) => format!("{}: {}", status_code_name(code), s.message()),
+            ClientError::InvalidArgument(m)
+            | ClientError::NotFound(m)
+            | ClientError::AlreadyExists(m)
+            | ClientError::FailedPrecondition(m)
+            | ClientError::Unavailable(m) => format!("{}: {m}", status_code_name(code)),
+            ClientError::Definition(d) => format!("{}: definition.{d}", status_code_name(code)),
+            other => other.to_string(),
+        };
+        fail(exit, message)
     }
 }
 
 /// Runs a command; returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Failure> {
-    let endpoint = Endpoint::from_shared(cli.coordinator.clone())
-        .map_err(|e| fail(2, format!("--coordinator {}: {e}", cli.coordinator)))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|e| {
-        fail(
-            4,
-            format!("cannot reach the coordinator at {}: {e}", cli.coordinator),
-        )
-    })?;
-    let mut c = CoordinatorServiceClient::new(channel);
-    let ctx = Ctx {
-        token: cli.token.clone(),
-        actor: cli.actor.clone(),
-    };
+    let mut c = Client::connect(cli.coordinator.clone())
+        .await?
+        .with_actor(&cli.actor)?;
+    if let Some(t) = &cli.token {
+        c = c.with_token(t)?;
+    }
+    let json_out = cli.json;
     match cli.command {
         Command::List {
             states,
@@ -196,115 +200,76 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 .iter()
                 .map(|s| parse_state(s))
                 .collect::<Result<Vec<_>, _>>()?;
-            let r = c
-                .list_sagas(proto::ListSagasRequest {
+            let page = c
+                .list(ListQuery {
                     states,
-                    definition: definition.unwrap_or_default(),
+                    definition,
                     stuck_only: stuck,
+                    min_age: older_than.map(Duration::from_secs),
                     page_size: limit,
-                    page_token: page_token.unwrap_or_default(),
-                    min_age: older_than.map(|s| prost_types::Duration {
-                        seconds: s.min(i64::MAX as u64) as i64,
-                        nanos: 0,
-                    }),
+                    page_token,
                 })
-                .await?
-                .into_inner();
-            Ok(if cli.json {
-                json!({"sagas": r.sagas.iter().map(saga_json).collect::<Vec<_>>(), "next_page_token": non_empty(&r.next_page_token)}).to_string()
+                .await?;
+            Ok(if json_out {
+                json!({"sagas": page.sagas.iter().map(saga_json).collect::<Vec<_>>(), "next_page_token": page.next_page_token}).to_string()
             } else {
-                saga_table(&r.sagas, &r.next_page_token)
+                saga_table(&page.sagas, page.next_page_token.as_deref())
             })
         }
         Command::Show { id } => {
-            let s = c
-                .get_saga(proto::GetSagaRequest { saga_id: id })
-                .await?
-                .into_inner()
-                .saga
-                .unwrap_or_default();
-            Ok(if cli.json {
+            let s = c.get(parse_id(&id)?).await?;
+            Ok(if json_out {
                 saga_json(&s).to_string()
             } else {
                 saga_detail(&s)
             })
         }
         Command::Events { id } => {
-            let evs = c
-                .get_saga_events(proto::GetSagaEventsRequest { saga_id: id })
-                .await?
-                .into_inner()
-                .events;
-            Ok(if cli.json {
+            let evs = c.events(parse_id(&id)?).await?;
+            Ok(if json_out {
                 json!({"events": evs.iter().map(event_json).collect::<Vec<_>>()}).to_string()
             } else {
                 events_table(&evs)
             })
         }
         Command::Retry { id, note } => {
-            let r = c
-                .retry_saga(ctx.req(proto::RetrySagaRequest { saga_id: id, note }))
-                .await?
-                .into_inner();
-            Ok(acted(&cli.json, "retried", r.saga))
+            let s = c.retry(parse_id(&id)?, &note).await?;
+            Ok(acted(json_out, "retried", &s))
         }
         Command::Abort { id, note } => {
-            let r = c
-                .abort_saga(ctx.req(proto::AbortSagaRequest { saga_id: id, note }))
-                .await?
-                .into_inner();
-            Ok(acted(&cli.json, "aborted", r.saga))
+            let s = c.abort(parse_id(&id)?, &note).await?;
+            Ok(acted(json_out, "aborted", &s))
         }
         Command::Resolve { id, note } => {
-            let r = c
-                .resolve_saga(ctx.req(proto::ResolveSagaRequest { saga_id: id, note }))
-                .await?
-                .into_inner();
-            Ok(acted(&cli.json, "resolved", r.saga))
+            let s = c.resolve(parse_id(&id)?, &note).await?;
+            Ok(acted(json_out, "resolved", &s))
         }
-        Command::Definitions { command } => definitions(&mut c, command, cli.json).await,
+        Command::Definitions { command } => definitions(&c, command, json_out).await,
     }
 }
 
-struct Ctx {
-    token: Option<String>,
-    actor: String,
+/// A saga id from the command line; refused as the coordinator would.
+fn parse_id(s: &str) -> Result<Uuid, Failure> {
+    Uuid::parse_str(s)
+        .map_err(|_| fail(1, format!("INVALID_ARGUMENT: saga_id: {s:?} is not a UUID")))
 }
 
-impl Ctx {
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        if let Ok(v) = self.actor.parse() {
-            r.metadata_mut().insert("x-saga-actor", v);
-        }
-        if let Some(Ok(v)) = self.token.as_ref().map(|t| format!("Bearer {t}").parse()) {
-            r.metadata_mut().insert("authorization", v);
-        }
-        r
-    }
-}
-
-fn acted(json: &bool, what: &str, saga: Option<proto::Saga>) -> String {
-    let s = saga.unwrap_or_default();
-    if *json {
-        saga_json(&s).to_string()
+fn acted(json_out: bool, what: &str, s: &Saga) -> String {
+    if json_out {
+        saga_json(s).to_string()
     } else {
-        format!("{what} {}: now {}", s.saga_id, state_name(s.state))
+        format!("{what} {}: now {}", s.id, s.state.as_str())
     }
 }
 
 async fn definitions(
-    c: &mut CoordinatorServiceClient<Channel>,
+    c: &Client,
     command: DefinitionsCommand,
     json_out: bool,
 ) -> Result<String, Failure> {
     match command {
         DefinitionsCommand::List => {
-            let defs = c
-                .list_definitions(proto::ListDefinitionsRequest {})
-                .await?
-                .into_inner()
-                .definitions;
+            let defs = c.definitions().await?;
             if json_out {
                 return Ok(
                     json!({"definitions": defs.iter().map(definition_json).collect::<Vec<_>>()})
@@ -314,6 +279,7 @@ async fn definitions(
             let rows = defs
                 .iter()
                 .map(|d| {
+                    let d = d.to_proto();
                     let steps = d
                         .steps
                         .iter()
@@ -331,38 +297,37 @@ async fn definitions(
             Ok(table(&["DEFINITION", "VERSION", "STEPS", "ORDER"], rows))
         }
         DefinitionsCommand::Register { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
-            let yaml = matches!(
-                file.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            );
-            let parsed: DefinitionFile = if yaml {
-                serde_norway::from_str(&text)
-                    .map_err(|e| fail(2, format!("{}: {e}", file.display())))?
-            } else {
-                serde_json::from_str(&text)
-                    .map_err(|e| fail(2, format!("{}: {e}", file.display())))?
-            };
-            let r = c
-                .register_definition(proto::RegisterDefinitionRequest {
-                    definition: Some(parsed.into_proto()),
-                })
-                .await?
-                .into_inner();
-            let d = r.definition.unwrap_or_default();
+            let def = read_definition(&file)?;
+            let (d, created) = c.register(&def).await?;
             Ok(if json_out {
-                json!({"definition": definition_json(&d), "created": r.created}).to_string()
+                json!({"definition": definition_json(&d), "created": created}).to_string()
             } else {
                 format!(
                     "{} {}@{}",
-                    if r.created { "registered" } else { "unchanged" },
-                    d.name,
-                    d.version
+                    if created { "registered" } else { "unchanged" },
+                    d.name(),
+                    d.version()
                 )
             })
         }
     }
+}
+
+/// Reads a JSON or YAML definition file and builds it with the SDK's
+/// builder, so the step order is checked before anything is sent.
+fn read_definition(file: &std::path::Path) -> Result<SagaDefinition, Failure> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
+    let yaml = matches!(
+        file.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let parsed: DefinitionFile = if yaml {
+        serde_norway::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))?
+    };
+    Ok(parsed.build().map_err(ClientError::from)?)
 }
 
 /// A definition file (JSON or YAML). Durations are in milliseconds.
@@ -397,156 +362,135 @@ struct StepFile {
 #[serde(deny_unknown_fields)]
 struct RetryFile {
     #[serde(default)]
-    max_attempts: u32,
+    max_attempts: Option<u32>,
     #[serde(default)]
     initial_backoff_ms: Option<u64>,
     #[serde(default)]
-    multiplier: f64,
+    multiplier: Option<f64>,
     #[serde(default)]
     max_backoff_ms: Option<u64>,
 }
 
-fn ms(v: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (v / 1_000).min(i64::MAX as u64) as i64,
-        nanos: ((v % 1_000) * 1_000_000) as i32,
-    }
-}
-
 impl RetryFile {
-    fn into_proto(self) -> proto::RetryPolicy {
-        proto::RetryPolicy {
+    fn policy(self) -> RetryPolicy {
+        RetryPolicy {
             max_attempts: self.max_attempts,
-            initial_backoff: self.initial_backoff_ms.map(ms),
+            initial_backoff: self.initial_backoff_ms.map(Duration::from_millis),
             multiplier: self.multiplier,
-            max_backoff: self.max_backoff_ms.map(ms),
+            max_backoff: self.max_backoff_ms.map(Duration::from_millis),
         }
     }
 }
 
 impl DefinitionFile {
-    fn into_proto(self) -> proto::SagaDefinition {
-        proto::SagaDefinition {
-            name: self.name,
-            version: 0,
-            deadline: self.deadline_ms.map(ms),
-            created_at: None,
-            steps: self
-                .steps
-                .into_iter()
-                .map(|s| proto::StepDefinition {
-                    name: s.name,
-                    participant: s.participant,
-                    action: s.action,
-                    compensation: s.compensation.unwrap_or_default(),
-                    idempotent: s.idempotent,
-                    timeout: s.timeout_ms.map(ms),
-                    retry: s.retry.map(RetryFile::into_proto),
-                    compensation_retry: s.compensation_retry.map(RetryFile::into_proto),
-                })
-                .collect(),
+    fn build(self) -> Result<SagaDefinition, saga_sdk::DefinitionError> {
+        let mut b = SagaDefinition::builder(self.name);
+        if let Some(ms) = self.deadline_ms {
+            b = b.deadline(Duration::from_millis(ms));
         }
+        for s in self.steps {
+            let mut step = saga_sdk::Step::new(s.name, s.participant).action(s.action);
+            if let Some(c) = s.compensation {
+                step = step.compensation(c);
+            }
+            if s.idempotent {
+                step = step.idempotent();
+            }
+            if let Some(ms) = s.timeout_ms {
+                step = step.timeout(Duration::from_millis(ms));
+            }
+            if let Some(r) = s.retry {
+                step = step.retry(r.policy());
+            }
+            if let Some(r) = s.compensation_retry {
+                step = step.compensation_retry(r.policy());
+            }
+            b = b.step(step);
+        }
+        b.build()
     }
 }
 
-fn parse_state(s: &str) -> Result<i32, Failure> {
-    let name = format!("SAGA_STATE_{}", s.to_ascii_uppercase());
-    proto::SagaState::from_str_name(&name)
-        .filter(|s| *s != proto::SagaState::Unspecified)
-        .map(|s| s as i32)
-        .ok_or_else(|| fail(2, format!("--state {s}: use running, compensating, completed, compensated, suspended or resolved")))
+fn parse_state(s: &str) -> Result<SagaState, Failure> {
+    SagaState::parse(s).ok_or_else(|| {
+        fail(
+            2,
+            format!("--state {s}: use running, compensating, completed, compensated, suspended or resolved"),
+        )
+    })
 }
 
-fn state_name(v: i32) -> &'static str {
-    proto::SagaState::try_from(v)
-        .map(|s| s.as_str_name().trim_start_matches("SAGA_STATE_"))
-        .unwrap_or("?")
-}
-
-fn step_state_name(v: i32) -> &'static str {
-    proto::StepState::try_from(v)
-        .map(|s| s.as_str_name().trim_start_matches("STEP_STATE_"))
-        .unwrap_or("?")
-}
-
-fn non_empty(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        Value::String(s.to_owned())
-    }
-}
-
-fn ts(t: &Option<prost_types::Timestamp>) -> Value {
-    t.as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|d| Value::String(d.to_rfc3339()))
+fn ts(t: Option<SystemTime>) -> Value {
+    t.map(|t| Value::String(chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()))
         .unwrap_or(Value::Null)
 }
 
-fn json_text(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_owned()))
+fn json_text(s: Option<&str>) -> Value {
+    match s {
+        None | Some("") => Value::Null,
+        Some(t) => serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.to_owned())),
     }
 }
 
-fn saga_json(s: &proto::Saga) -> Value {
+fn saga_json(s: &Saga) -> Value {
     json!({
-        "saga_id": s.saga_id, "definition": s.definition, "version": s.version,
-        "state": state_name(s.state), "error": non_empty(&s.error), "input": json_text(&s.input_json),
-        "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at),
+        "saga_id": s.id.to_string(), "definition": s.definition, "version": s.version,
+        "state": s.state.as_str(), "error": s.error, "input": json_text(Some(&s.input_json)),
+        "created_at": ts(s.created_at), "updated_at": ts(s.updated_at),
         "steps": s.steps.iter().map(|st| json!({
-            "name": st.name, "state": step_state_name(st.state), "attempts": st.attempts,
-            "compensation_attempts": st.compensation_attempts, "last_error": non_empty(&st.last_error),
-            "output": json_text(&st.output_json), "next_attempt_at": ts(&st.next_attempt_at),
+            "name": st.name, "state": st.state.as_str(), "attempts": st.attempts,
+            "compensation_attempts": st.compensation_attempts, "last_error": st.last_error,
+            "output": json_text(st.output_json.as_deref()), "next_attempt_at": ts(st.next_attempt_at),
         })).collect::<Vec<_>>(),
     })
 }
 
-fn event_json(e: &proto::SagaEvent) -> Value {
-    json!({"seq": e.seq, "at": ts(&e.at), "kind": e.kind, "step": non_empty(&e.step), "attempt": e.attempt, "detail": e.detail})
+fn event_json(e: &SagaEvent) -> Value {
+    json!({"seq": e.seq, "at": ts(e.at), "kind": e.kind, "step": e.step, "attempt": e.attempt, "detail": e.detail})
 }
 
-fn definition_json(d: &proto::SagaDefinition) -> Value {
+fn definition_json(d: &SagaDefinition) -> Value {
+    let d = d.to_proto();
+    let created_at = d.created_at.and_then(|t| {
+        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+    });
     json!({
-        "name": d.name, "version": d.version, "created_at": ts(&d.created_at),
+        "name": d.name, "version": d.version, "created_at": created_at.map(|t| t.to_rfc3339()),
         "steps": d.steps.iter().map(|s| json!({
             "name": s.name, "participant": s.participant, "action": s.action,
-            "compensation": non_empty(&s.compensation), "idempotent": s.idempotent,
+            "compensation": (!s.compensation.is_empty()).then_some(&s.compensation),
+            "idempotent": s.idempotent,
         })).collect::<Vec<_>>(),
     })
 }
 
 /// The step in progress: the first not succeeded going forward, the last
 /// touched one otherwise.
-fn current_step(s: &proto::Saga) -> Option<&proto::StepStatus> {
-    let succeeded = proto::StepState::Succeeded as i32;
-    match proto::SagaState::try_from(s.state) {
-        Ok(proto::SagaState::Running) => s.steps.iter().find(|st| st.state != succeeded),
-        Ok(proto::SagaState::Completed) => None,
+fn current_step(s: &Saga) -> Option<&StepStatus> {
+    match s.state {
+        SagaState::Running => s.steps.iter().find(|st| st.state != StepState::Succeeded),
+        SagaState::Completed => None,
         _ => s.steps.iter().rev().find(|st| {
-            st.attempts > 0 && (!st.last_error.is_empty() || st.compensation_attempts > 0)
+            st.attempts > 0 && (st.last_error.is_some() || st.compensation_attempts > 0)
         }),
     }
 }
 
-fn saga_table(sagas: &[proto::Saga], next: &str) -> String {
+fn saga_table(sagas: &[Saga], next: Option<&str>) -> String {
     let rows = sagas
         .iter()
         .map(|s| {
             let cur = current_step(s);
             vec![
-                s.saga_id.clone(),
+                s.id.to_string(),
                 format!("{}@{}", s.definition, s.version),
-                state_name(s.state).to_owned(),
+                s.state.as_str().to_owned(),
                 cur.map(|c| c.name.clone()).unwrap_or_default(),
                 cur.map(|c| c.attempts.to_string()).unwrap_or_default(),
                 truncate(
-                    cur.map(|c| c.last_error.as_str())
-                        .filter(|e| !e.is_empty())
-                        .unwrap_or(&s.error),
+                    cur.and_then(|c| c.last_error.as_deref())
+                        .or(s.error.as_deref())
+                        .unwrap_or(""),
                     60,
                 ),
             ]
@@ -563,22 +507,22 @@ fn saga_table(sagas: &[proto::Saga], next: &str) -> String {
         ],
         rows,
     );
-    if !next.is_empty() {
+    if let Some(next) = next {
         let _ = write!(out, "\nmore: --page-token {next}");
     }
     out
 }
 
-fn saga_detail(s: &proto::Saga) -> String {
+fn saga_detail(s: &Saga) -> String {
     let mut out = format!(
         "saga        {}\ndefinition  {}@{}\nstate       {}\n",
-        s.saga_id,
+        s.id,
         s.definition,
         s.version,
-        state_name(s.state)
+        s.state.as_str()
     );
-    if !s.error.is_empty() {
-        let _ = writeln!(out, "why         {}", s.error);
+    if let Some(e) = &s.error {
+        let _ = writeln!(out, "why         {e}");
     }
     let _ = writeln!(out, "input       {}\n", s.input_json);
     let rows = s
@@ -587,11 +531,11 @@ fn saga_detail(s: &proto::Saga) -> String {
         .map(|st| {
             vec![
                 st.name.clone(),
-                step_state_name(st.state).to_owned(),
+                st.state.as_str().to_owned(),
                 st.attempts.to_string(),
                 st.compensation_attempts.to_string(),
-                truncate(&st.output_json, 40),
-                truncate(&st.last_error, 60),
+                truncate(st.output_json.as_deref().unwrap_or(""), 40),
+                truncate(st.last_error.as_deref().unwrap_or(""), 60),
             ]
         })
         .collect();
@@ -609,15 +553,15 @@ fn saga_detail(s: &proto::Saga) -> String {
     out
 }
 
-fn events_table(evs: &[proto::SagaEvent]) -> String {
+fn events_table(evs: &[SagaEvent]) -> String {
     let rows = evs
         .iter()
         .map(|e| {
             vec![
                 e.seq.to_string(),
-                ts(&e.at).as_str().unwrap_or("").to_owned(),
+                ts(e.at).as_str().unwrap_or("").to_owned(),
                 e.kind.clone(),
-                e.step.clone(),
+                e.step.clone().unwrap_or_default(),
                 if e.attempt > 0 {
                     e.attempt.to_string()
                 } else {

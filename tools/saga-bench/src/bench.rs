@@ -18,9 +18,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 use tonic::{Request, Response, Status};
 
-use crate::proto;
-use crate::proto::coordinator_service_client::CoordinatorServiceClient;
-use crate::proto::participant_service_server::{ParticipantService, ParticipantServiceServer};
+use saga_proto as proto;
+use saga_proto::coordinator_service_client::CoordinatorServiceClient;
+use saga_proto::participant_service_server::{ParticipantService, ParticipantServiceServer};
 
 /// Flags.
 #[derive(Debug, Clone, Parser)]
@@ -403,8 +403,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(ParticipantServiceServer::new(Bench { last_step }))
             .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-                    .map_err(|e| anyhow!("participant listener: {e}"))?,
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             ),
     );
     let sagad = start_sagad(&args, &participant_url).await?;

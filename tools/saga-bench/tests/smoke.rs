@@ -2,7 +2,24 @@
 //! keeps working; the figures themselves live in the README, not in tests.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
+
+/// The `sagad` binary: `SAGAD_BIN`, or the one beside `saga-bench` in the
+/// target directory (`cargo test --workspace` builds it for the root
+/// package's tests).
+fn sagad_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SAGAD_BIN") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_saga-bench")).with_file_name("sagad");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bin sagad` (or set SAGAD_BIN)",
+        p.display()
+    );
+    p
+}
 
 #[tokio::test]
 async fn saga_bench_runs_and_writes_its_report() {
@@ -22,7 +39,7 @@ async fn saga_bench_runs_and_writes_its_report() {
         "0",
     ])
     .arg("--sagad-bin")
-    .arg(env!("CARGO_BIN_EXE_sagad"))
+    .arg(sagad_bin())
     .arg("--out")
     .arg(&out);
     let output = tokio::task::spawn_blocking(move || cmd.output())

@@ -1,7 +1,9 @@
-//! `sagactl`: parse, run, print; exit codes in `saga_coordinator::ctl`.
+//! `sagactl`: parse, run, print; exit codes in `ctl.rs`.
+
+mod ctl;
 
 use clap::Parser;
-use saga_coordinator::ctl::{run, Cli};
+use ctl::{run, Cli};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {

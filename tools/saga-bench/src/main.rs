@@ -1,7 +1,8 @@
 //! `saga-bench`: how many sagas per second `sagad` completes, at what
 //! latency, and how many PostgreSQL commits and rows each costs, beside the
-//! raw commit ceiling of the same database. Thin: the work is in
-//! `saga_coordinator::bench`.
+//! raw commit ceiling of the same database. Thin: the work is in `bench.rs`.
+
+mod bench;
 
 use clap::Parser;
 
@@ -10,8 +11,8 @@ use clap::Parser;
 // the hops it adds to each saga (c = 1 p50 about 0.3 ms lower).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    let args = saga_coordinator::bench::Args::parse();
-    match saga_coordinator::bench::run(args).await {
+    let args = bench::Args::parse();
+    match bench::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("saga-bench: {e:#}");
