@@ -19,11 +19,18 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+/// A coordinator with one participant `svc`, with `tweak` applied to the
+/// test configuration.
+async fn env_with(tweak: impl FnOnce(&mut saga_coordinator::config::Config)) -> Env {
     let db = TestDb::new().await;
     let svc = Scripted::default();
     let url = svc.clone().serve().await;
     let mut cfg = test_config(&db);
     cfg.participants = vec![("svc".into(), url)];
+    tweak(&mut cfg);
     let coord = TestCoordinator::start(cfg).await;
     let client = coord.client().await;
     Env {
@@ -704,26 +711,21 @@ async fn stuck_means_suspended_or_idle_or_retrying_beyond_a_threshold() {
 /// that refuses connections under reads.
 #[tokio::test]
 async fn losing_the_database_is_unavailable_on_grpc_and_http() {
-    let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
     // One write lane, so the lane that wrote the first saga writes the next.
-    cfg.db_write_lanes = 1;
-    let coord = TestCoordinator::start(cfg).await;
-    let mut client = coord.client().await;
-    register(&mut client, valid()).await;
+    let mut e = env_with(|cfg| cfg.db_write_lanes = 1).await;
+    register(&mut e.client, valid()).await;
     // The sagas' first calls hang (5 s timeout), so between the starts
     // nothing else writes through the lane and meets its dead connection.
-    svc.script("reserve.do", (0..12).map(|_| Reply::Hang).collect());
+    e.svc
+        .script("reserve.do", (0..12).map(|_| Reply::Hang).collect());
     let req = || proto::StartSagaRequest {
         definition: "order".into(),
         version: 1,
         input_json: "{}".into(),
         ..Default::default()
     };
-    let first = client
+    let first = e
+        .client
         .start_saga(req())
         .await
         .unwrap()
@@ -736,8 +738,8 @@ async fn losing_the_database_is_unavailable_on_grpc_and_http() {
     // failure must be UNAVAILABLE, and one must be seen.
     let mut unavailable = 0;
     for _ in 0..10 {
-        db.terminate_sessions(false).await;
-        match client.start_saga(req()).await {
+        e.db.terminate_sessions(false).await;
+        match e.client.start_saga(req()).await {
             Ok(_) => continue,
             Err(err) => {
                 assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -749,10 +751,11 @@ async fn losing_the_database_is_unavailable_on_grpc_and_http() {
     }
     assert_eq!(unavailable, 1, "a StartSaga on a terminated connection");
     // The lane reconnects: the caller's retry goes through.
-    client.start_saga(req()).await.unwrap();
+    e.client.start_saga(req()).await.unwrap();
 
-    db.terminate_sessions(true).await;
-    let err = client
+    e.db.terminate_sessions(true).await;
+    let err = e
+        .client
         .get_saga(proto::GetSagaRequest {
             saga_id: first.saga_id.clone(),
         })
@@ -760,7 +763,7 @@ async fn losing_the_database_is_unavailable_on_grpc_and_http() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let r = http(
-        coord.admin,
+        e.coord.admin,
         "GET",
         &format!("/api/sagas/{}", first.saga_id),
         &[],
@@ -769,8 +772,8 @@ async fn losing_the_database_is_unavailable_on_grpc_and_http() {
     .await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"], "database unavailable; try again");
-    db.accept_connections().await;
-    client
+    e.db.accept_connections().await;
+    e.client
         .get_saga(proto::GetSagaRequest {
             saga_id: first.saga_id,
         })
