@@ -7,7 +7,9 @@
 //! ```
 //! Flags: `--coordinator URL` (default http://127.0.0.1:50051),
 //! `--database-url URL` for the services' data (default
-//! postgres://postgres@127.0.0.1:5432/travel, created if missing).
+//! postgres://postgres@127.0.0.1:5432/travel, created if missing),
+//! `--remote-hotels` to leave the `hotels` participant to another process
+//! (the Python SDK's `sdk/python/examples/hotels.py`: a mixed-language saga).
 //!
 //! A trip books a flight and a hotel (both compensatable), then pays (the
 //! pivot). The first trip completes; the second is over the card's limit, so
@@ -189,7 +191,24 @@ pub fn definition() -> SagaDefinition {
 /// Sets up the services' tables, serves the three participants on
 /// 127.0.0.1, registers them and the definition with the coordinator, and
 /// runs two trips. Returns the settled sagas.
-pub async fn run(coordinator: &str, database_url: &str) -> anyhow::Result<Vec<Saga>> {
+/// Which participants this process serves: all three, or all but `hotels`
+/// (`--remote-hotels`: another process, such as the Python SDK's
+/// `sdk/python/examples/hotels.py`, serves it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hotels {
+    /// Served here.
+    Local,
+    /// Registered by another process.
+    Remote,
+}
+
+/// Serves the participants (all but `hotels` when it is remote), registers
+/// the `trip` definition, and runs two trips; returns them settled.
+pub async fn run(
+    coordinator: &str,
+    database_url: &str,
+    hotels_at: Hotels,
+) -> anyhow::Result<Vec<Saga>> {
     if !sqlx::Postgres::database_exists(database_url).await? {
         sqlx::Postgres::create_database(database_url).await?;
     }
@@ -199,11 +218,11 @@ pub async fn run(coordinator: &str, database_url: &str) -> anyhow::Result<Vec<Sa
 
     let client = Client::connect(coordinator).await?;
     let mut registrations = Vec::new();
-    for p in [
-        flights(pool.clone()),
-        hotels(pool.clone()),
-        payment(pool.clone()),
-    ] {
+    let mut served = vec![flights(pool.clone()), payment(pool.clone())];
+    if hotels_at == Hotels::Local {
+        served.push(hotels(pool.clone()));
+    }
+    for p in served {
         let (addr, _server) = saga_sdk::serve_local(p.clone(), std::future::pending()).await?;
         registrations.push(
             p.register(
@@ -216,8 +235,13 @@ pub async fn run(coordinator: &str, database_url: &str) -> anyhow::Result<Vec<Sa
     }
     let (def, _) = client.register(&definition()).await?;
     println!(
-        "registered trip@{} and participants flights, hotels, payment",
-        def.version()
+        "registered trip@{} and participants flights, payment{}",
+        def.version(),
+        if hotels_at == Hotels::Local {
+            ", hotels"
+        } else {
+            " (hotels: remote)"
+        }
     );
 
     let trips = [
@@ -292,14 +316,23 @@ async fn report(pool: &PgPool, trip: &Trip, saga: &Saga) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let mut coordinator = "http://127.0.0.1:50051".to_owned();
     let mut database_url = "postgres://postgres@127.0.0.1:5432/travel".to_owned();
+    let mut hotels_at = Hotels::Local;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--remote-hotels" {
+            hotels_at = Hotels::Remote;
+            continue;
+        }
         match (flag.as_str(), args.next()) {
             ("--coordinator", Some(v)) => coordinator = v,
             ("--database-url", Some(v)) => database_url = v,
-            _ => anyhow::bail!("usage: travel [--coordinator URL] [--database-url URL]"),
+            _ => anyhow::bail!(
+                "usage: travel [--coordinator URL] [--database-url URL] [--remote-hotels]"
+            ),
         }
     }
-    run(&coordinator, &database_url).await?;
+    let sagas = run(&coordinator, &database_url, hotels_at).await?;
+    let states: Vec<String> = sagas.iter().map(|s| format!("{:?}", s.state)).collect();
+    println!("\noutcomes: {}", states.join(", "));
     Ok(())
 }

@@ -16,9 +16,13 @@ async fn one_trip_completes_and_one_is_compensated() {
     let db = common::TestDb::new().await;
     let data = common::TestDb::new().await;
     let coord = common::TestCoordinator::start(common::test_config(&db)).await;
-    let sagas = travel::run(&format!("http://{}", coord.addr), &data.url)
-        .await
-        .unwrap();
+    let sagas = travel::run(
+        &format!("http://{}", coord.addr),
+        &data.url,
+        travel::Hotels::Local,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         sagas.iter().map(|s| s.state).collect::<Vec<_>>(),
         vec![SagaState::Completed, SagaState::Compensated]

@@ -1,0 +1,167 @@
+"""The idempotency barrier on PostgreSQL (psycopg 3, sync and async):
+exactly-once effects for handlers whose work is in PostgreSQL.
+
+The same table and rules as the Rust SDK's barrier (``saga_barrier``), so
+services in both languages can share one database:
+
+- a duplicate action or compensation (a retry, a redelivery after a
+  coordinator crash, two racing calls) has no second effect, and a duplicate
+  action returns the first result;
+- a compensation whose action never ran succeeds as a no-op and is recorded
+  (*null compensation*);
+- an action that arrives after its compensation is refused as a business
+  failure (:class:`~saga_sdk.Refused`): no *hanging* reservation.
+
+::
+
+  action:        insert action row 'done' --inserted--> run fn(conn), store output, commit
+                        | conflict (waits for a racing twin to finish)
+                        +- 'done'    -> return the stored output (no second effect)
+                        +- 'skipped' -> Refused: compensated before it arrived
+  compensation:  insert compensation row --conflict--> duplicate: done, no effect
+                        | inserted
+                 insert action row 'skipped' --inserted--> null compensation: commit
+                        | conflict: the action ran
+                        +-> run fn(conn), commit
+
+Each call opens its own connection (``conninfo``) and runs the handler's
+``fn`` inside the barrier's transaction: the handler's SQL must run on the
+connection it is given, so it commits or rolls back with the record.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Awaitable, Callable, TypeVar
+
+import psycopg
+
+from .client import to_json
+from .participant import Phase, Refused, StepContext, Unknown
+
+T = TypeVar("T")
+
+#: The barrier table's DDL (``CREATE TABLE IF NOT EXISTS``), shared with the
+#: Rust SDK.
+MIGRATION: str = (resources.files("saga_sdk") / "migrations" / "0001_saga_barrier.sql").read_text()
+
+_MARK = """INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES (%s, %s, %s, %s)
+           ON CONFLICT DO NOTHING"""
+_READ = """SELECT state, output FROM saga_barrier
+           WHERE saga_id = %s AND step = %s AND phase = 'action'"""
+_STORE = """UPDATE saga_barrier SET output = %s
+            WHERE saga_id = %s AND step = %s AND phase = 'action'"""
+
+
+def _expect(ctx: StepContext, phase: Phase) -> None:
+    if ctx.phase is not phase:
+        raise Unknown(f"barrier {phase.value} called from a {ctx.phase.value} handler")
+
+
+def _replay(ctx: StepContext, state: str, output: str | None) -> Any:
+    """What a duplicate action answers."""
+    if state == "skipped":
+        raise Refused(
+            f"step {ctx.step!r} of saga {ctx.saga_id} was compensated before its action arrived"
+        )
+    return json.loads(output) if output is not None else None
+
+
+class Barrier:
+    """The barrier over blocking psycopg connections."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.OperationalError as e:
+            raise Unknown(f"database: {e}") from None
+
+    def create_table(self) -> None:
+        """Creates the barrier table if it does not exist."""
+        with self._connect() as conn:
+            conn.execute(MIGRATION.encode())
+
+    def action(self, ctx: StepContext, fn: Callable[[psycopg.Connection[Any]], T]) -> Any:
+        """Runs an action's database work ``fn`` at most once per saga step;
+        returns its result, or the first result to a duplicate."""
+        _expect(ctx, Phase.ACTION)
+        saga = str(ctx.saga_id)
+        with self._connect() as conn, conn.transaction():
+            cur = conn.execute(_MARK, (saga, ctx.step, "action", "done"))
+            if cur.rowcount != 1:
+                row = conn.execute(_READ, (saga, ctx.step)).fetchone()
+                if row is None:
+                    raise Unknown("barrier record vanished")
+                return _replay(ctx, row[0], row[1])
+            value = fn(conn)
+            conn.execute(_STORE, (to_json(value), saga, ctx.step))
+            return value
+
+    def compensation(self, ctx: StepContext, fn: Callable[[psycopg.Connection[Any]], None]) -> None:
+        """Runs a compensation's database work ``fn`` at most once per saga
+        step, and only if the action took effect here; otherwise records a
+        null compensation."""
+        _expect(ctx, Phase.COMPENSATION)
+        saga = str(ctx.saga_id)
+        with self._connect() as conn, conn.transaction():
+            first = conn.execute(_MARK, (saga, ctx.step, "compensation", "done")).rowcount == 1
+            if not first:
+                return
+            # Waits while a racing action holds its row, then either sees it
+            # (the action ran: compensate it) or plants 'skipped'.
+            null = conn.execute(_MARK, (saga, ctx.step, "action", "skipped")).rowcount == 1
+            if not null:
+                fn(conn)
+
+
+class AsyncBarrier:
+    """The barrier over asyncio psycopg connections."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        except psycopg.OperationalError as e:
+            raise Unknown(f"database: {e}") from None
+
+    async def create_table(self) -> None:
+        """Creates the barrier table if it does not exist."""
+        async with await self._connect() as conn:
+            await conn.execute(MIGRATION.encode())
+
+    async def action(
+        self, ctx: StepContext, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
+    ) -> Any:
+        """As :meth:`Barrier.action`, with an async ``fn``."""
+        _expect(ctx, Phase.ACTION)
+        saga = str(ctx.saga_id)
+        async with await self._connect() as conn, conn.transaction():
+            cur = await conn.execute(_MARK, (saga, ctx.step, "action", "done"))
+            if cur.rowcount != 1:
+                row = await (await conn.execute(_READ, (saga, ctx.step))).fetchone()
+                if row is None:
+                    raise Unknown("barrier record vanished")
+                return _replay(ctx, row[0], row[1])
+            value = await fn(conn)
+            await conn.execute(_STORE, (to_json(value), saga, ctx.step))
+            return value
+
+    async def compensation(
+        self, ctx: StepContext, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
+    ) -> None:
+        """As :meth:`Barrier.compensation`, with an async ``fn``."""
+        _expect(ctx, Phase.COMPENSATION)
+        saga = str(ctx.saga_id)
+        async with await self._connect() as conn, conn.transaction():
+            cur = await conn.execute(_MARK, (saga, ctx.step, "compensation", "done"))
+            if cur.rowcount != 1:
+                return
+            cur = await conn.execute(_MARK, (saga, ctx.step, "action", "skipped"))
+            if cur.rowcount != 1:
+                await fn(conn)
