@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -116,6 +117,51 @@ pub struct Config {
     /// database (the worker polls meanwhile).
     #[arg(long, env = "SAGAD_DB_LISTEN_RETRY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub db_listen_retry_ms: u64,
+    /// Listen beyond loopback without the protection that is missing (the
+    /// gRPC API has no authentication yet; TLS unless the flags below are
+    /// set). Logged as a warning at every start.
+    #[arg(long, env = "SAGAD_INSECURE_ALLOW_PLAINTEXT")]
+    pub insecure_allow_plaintext: bool,
+    /// PEM certificate chain: serve the gRPC API over TLS (and the admin
+    /// server, unless --admin-tls-cert is given). Reloaded on SIGHUP.
+    #[arg(long, env = "SAGAD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SAGAD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: gRPC clients must present a certificate signed
+    /// by one of them (mutual TLS); others are refused at the handshake.
+    #[arg(long, env = "SAGAD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM certificate chain of the admin server, if not --tls-cert's.
+    #[arg(long, env = "SAGAD_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "SAGAD_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// PEM CA bundle that `https://` participant endpoints are verified
+    /// against (default: the system's roots).
+    #[arg(long, env = "SAGAD_PARTICIPANT_CA")]
+    pub participant_ca: Option<PathBuf>,
+    /// PEM certificate chain sagad presents to participants that ask for a
+    /// client certificate (mutual TLS towards participants).
+    #[arg(long, env = "SAGAD_PARTICIPANT_CERT", requires = "participant_key")]
+    pub participant_cert: Option<PathBuf>,
+    /// PEM private key of --participant-cert.
+    #[arg(long, env = "SAGAD_PARTICIPANT_KEY", requires = "participant_cert")]
+    pub participant_key: Option<PathBuf>,
+    /// A file holding the token sagad sends to participants as
+    /// `authorization: Bearer <token>` (the SDK participant's
+    /// `require_token` checks it).
+    #[arg(long, env = "SAGAD_PARTICIPANT_TOKEN_FILE")]
+    pub participant_token_file: Option<PathBuf>,
+    /// Refuse plaintext (`http://`) participant endpoints, static or
+    /// registered by heartbeat.
+    #[arg(long, env = "SAGAD_REQUIRE_PARTICIPANT_TLS")]
+    pub require_participant_tls: bool,
+    /// How long a client may take to complete the TLS handshake.
+    #[arg(long, env = "SAGAD_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub tls_handshake_timeout_ms: u64,
     /// How long /readyz waits for the database to answer.
     #[arg(long, env = "SAGAD_READYZ_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub readyz_timeout_ms: u64,
@@ -174,8 +220,71 @@ impl Config {
             .saturating_add(GRPC_ENVELOPE_BYTES)
     }
 
-    /// Settings that cannot be checked one flag at a time.
+    /// The gRPC API's TLS files, if it serves TLS.
+    pub fn grpc_tls(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// The admin server's TLS files, if it serves TLS: its own, else the
+    /// gRPC API's certificate (browsers are not asked for a client
+    /// certificate).
+    pub fn admin_tls(&self) -> Option<crate::tls::TlsFiles> {
+        let (cert, key) = match (&self.admin_tls_cert, &self.admin_tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (self.tls_cert.clone()?, self.tls_key.clone()?),
+        };
+        Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        })
+    }
+
+    /// What is exposed beyond loopback without protection, one line each.
+    fn exposures(&self) -> Vec<(&'static str, SocketAddr, &'static str)> {
+        let mut out = Vec::new();
+        if !self.grpc_addr.ip().is_loopback() {
+            out.push(if self.grpc_tls().is_some() {
+                ("--grpc-addr", self.grpc_addr, "the gRPC API has no authentication yet: anyone who reaches it could start sagas, register definitions and pose as a participant")
+            } else {
+                ("--grpc-addr", self.grpc_addr, "the gRPC API has no TLS (--tls-cert) and no authentication yet: anyone who reaches it could start sagas, register definitions and pose as a participant")
+            });
+        }
+        if !self.admin_addr.ip().is_loopback() && self.admin_tls().is_none() {
+            out.push(("--admin-addr", self.admin_addr, "the admin server has no TLS (--tls-cert or --admin-tls-cert): the admin token and every saga's data would cross the network in plaintext"));
+        }
+        out
+    }
+
+    /// What an operator must hear at every start: what is served beyond
+    /// loopback without protection (`--insecure-allow-plaintext`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.exposures()
+            .into_iter()
+            .map(|(flag, addr, why)| {
+                format!("{flag} {addr} is beyond loopback and {why} (--insecure-allow-plaintext)")
+            })
+            .collect()
+    }
+
+    /// Settings that cannot be checked one flag at a time. Nothing listens
+    /// beyond loopback without protection unless told so explicitly: the
+    /// gRPC API (no authentication yet) and an admin server without TLS
+    /// need `--insecure-allow-plaintext` there, and the admin server its
+    /// token.
     pub fn check(&self) -> Result<(), String> {
+        if !self.insecure_allow_plaintext {
+            if let Some((flag, addr, why)) = self.exposures().into_iter().next() {
+                return Err(format!(
+                    "{flag} {addr} is not a loopback address, and {why}. Listen on 127.0.0.1, \
+                     or pass --insecure-allow-plaintext to accept that"
+                ));
+            }
+        }
         if !self.admin_addr.ip().is_loopback() && self.admin_token.is_none() {
             return Err(format!(
                 "--admin-addr {} is not a loopback address: set --admin-token (SAGAD_ADMIN_TOKEN) so that \
@@ -212,6 +321,7 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
 
     #[test]

@@ -15,6 +15,7 @@
 //! admin/        HTTP edge: page, JSON API, /metrics, /healthz, /readyz; maps
 //!               OpsError once for JSON and HTML
 //! config.rs     flags with environment fallbacks; limits carry their units
+//! tls.rs        rustls on the listeners: mutual TLS, reload without a restart
 //! server.rs     start(config, pool, stop) wires every task under one token
 //! ```
 //! Imports run one way: the edges (`api`, `admin`) use `ops` and `auth`;
@@ -33,6 +34,7 @@ pub mod ops;
 pub mod participant;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod worker;
 
 /// The `saga.v1` wire types (the `saga-proto` crate).

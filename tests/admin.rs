@@ -492,13 +492,10 @@ async fn sagad_refuses_a_public_admin_address_without_a_token() {
     let db = TestDb::new().await;
     let mut cfg = test_config(&db);
     cfg.admin_addr = "0.0.0.0:0".parse().unwrap();
-    let pool = saga_coordinator::server::connect(&cfg).await.unwrap();
-    let err =
-        saga_coordinator::server::start(cfg, pool, tokio_util::sync::CancellationToken::new())
-            .await
-            .err()
-            .unwrap();
-    assert!(err.to_string().contains("--admin-token"), "{err}");
+    // Even with plaintext allowed beyond loopback, not without a token.
+    cfg.insecure_allow_plaintext = true;
+    let err = start_error(cfg).await;
+    assert!(err.contains("--admin-token"), "{err}");
 }
 
 /// Whether the plan has a sequential scan with no `Limit` above it (a seq

@@ -686,6 +686,9 @@ async fn channels_of_dead_participant_instances_are_dropped() {
             discovery_cache: Duration::ZERO,
             connect_timeout: Duration::from_secs(2),
             payload_bytes_max: 1 << 20,
+            tls: saga_coordinator::participant::client_tls(None, None),
+            require_tls: false,
+            token: None,
         },
         store.clone(),
     )

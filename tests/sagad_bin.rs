@@ -2,6 +2,8 @@
 //! and a clean stop on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -51,6 +53,103 @@ fn bad_flags_are_refused() {
         .contains("expected NAME=URL"));
 }
 
+/// Starts the binary with `args` (stdout and stderr piped) and reads its
+/// log until it has started: the child, the lines before, the start line,
+/// and the rest to come.
+fn spawn_started(args: &[&str]) -> (std::process::Child, Vec<String>, String, Lines) {
+    let mut child = sagad()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (before, started, rest) = until_started(&mut child);
+    (child, before, started, rest)
+}
+
+/// The lines of a child's log, as they come.
+type Lines = std::sync::mpsc::Receiver<String>;
+
+/// Reads the child's log until its "sagad started" line; returns the lines
+/// before it, that line, and the rest to come. Panics with its stderr if it
+/// does not start.
+fn until_started(child: &mut std::process::Child) -> (Vec<String>, String, Lines) {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut before = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("sagad started") => return (before, line, rx),
+            Ok(line) => before.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("sagad did not start: {e}; stderr: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn beyond_loopback_needs_insecure_allow_plaintext_and_is_refused_before_the_database() {
+    for flag in ["--grpc-addr", "--admin-addr"] {
+        let mut args = vec![
+            "--database-url",
+            "postgres://someone:s3cret@127.0.0.1:1/nowhere",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--admin-token",
+            "0123456789abcdef-admin",
+        ];
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = "0.0.0.0:0";
+        let out = sagad().args(&args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("{flag} 0.0.0.0:0 is not a loopback address"))
+                && err.contains("--insecure-allow-plaintext"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn insecure_allow_plaintext_starts_beyond_loopback_and_warns() {
+    let db = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::TestDb::new());
+    let (mut child, before, started, _rest) = spawn_started(&[
+        "--database-url",
+        &db.url,
+        "--grpc-addr",
+        "0.0.0.0:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--insecure-allow-plaintext",
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = before.iter().any(|l| {
+        l.contains("WARN")
+            && l.contains(
+                "--grpc-addr 0.0.0.0:0 is beyond loopback and the gRPC API has no TLS (--tls-cert)",
+            )
+    });
+    assert!(warned, "{before:?}\n{started}");
+}
+
 /// Waits up to `limit` for the child to exit, without blocking the runtime
 /// (our own client connections must stay able to close).
 async fn wait_exit(
@@ -72,40 +171,14 @@ async fn creates_its_database_serves_health_and_stops_on_sigterm() {
     let admin = common::admin_url();
     let name = format!("sagabin_{}", uuid::Uuid::new_v4().simple());
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    let mut child = sagad()
-        .args([
-            "--database-url",
-            &url,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let started = loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("sagad started") => break line,
-            Ok(_) => continue,
-            Err(e) => {
-                let _ = child.kill();
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("sagad did not start: {e}; stderr: {err}");
-            }
-        }
-    };
+    let (mut child, _before, started, rx) = spawn_started(&[
+        "--database-url",
+        &url,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
     let field = |key: &str| {
         started
             .split(&format!("{key}="))
@@ -182,4 +255,86 @@ async fn creates_its_database_serves_health_and_stops_on_sigterm() {
     )))
     .await
     .unwrap();
+}
+
+/// `key=value` from a log line.
+fn log_field(line: &str, key: &str) -> String {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether a new TLS connection trusting `ca` gets a health answer.
+async fn healthy_over_tls(addr: &str, ca: &certs::Pem) -> bool {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.cert))
+        .domain_name("localhost");
+    let Ok(endpoint) =
+        Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(tls))
+    else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_for_new_connections() {
+    let db = common::TestDb::new().await;
+    let dir = certs::temp_dir("reload");
+    let (first, second) = (certs::Ca::new("first CA"), certs::Ca::new("second CA"));
+    let (cert, key) = first.server().write(&dir, "server");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let (mut child, _, started, rest) = spawn_started(&[
+        "--database-url",
+        &db.url,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let grpc = log_field(&started, "grpc_addr");
+    assert!(healthy_over_tls(&grpc, &first.pem).await);
+    assert!(!healthy_over_tls(&grpc, &second.pem).await);
+
+    second.server().write(&dir, "server");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let reloaded = tokio::task::spawn_blocking(move || loop {
+        match rest.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("reloaded TLS certificates") => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    })
+    .await
+    .unwrap();
+    assert!(reloaded, "sagad logs the reload");
+    assert!(
+        healthy_over_tls(&grpc, &second.pem).await,
+        "new connections get the new certificate"
+    );
+    assert!(!healthy_over_tls(&grpc, &first.pem).await);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

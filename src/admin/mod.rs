@@ -25,7 +25,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthError;
@@ -246,8 +245,12 @@ async fn readyz(
     }
 }
 
-/// Serves until `stop`.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+/// Serves on `listener` (TCP, or TLS connections) until `stop`.
+pub async fn serve<L>(listener: L, state: Arc<AdminState>, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     if let Err(error) = axum::serve(listener, router(state))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -19,7 +19,7 @@ use crate::auth;
 use crate::domain::{check_name, Defaults, Definition, SagaId, ValidationError};
 use crate::metrics::Metrics;
 use crate::ops::{self, OperatorKind, Ops, OpsError};
-use crate::participant::check_endpoint;
+use crate::participant::{check_endpoint, check_tls};
 use crate::proto;
 use crate::proto::coordinator_service_server::CoordinatorService;
 use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StuckRule};
@@ -48,6 +48,8 @@ pub struct ApiConfig {
     pub heartbeat_ttl_default: Duration,
     /// When set, operator RPCs need it as a bearer token.
     pub admin_token: Option<String>,
+    /// Heartbeats must name `https://` endpoints.
+    pub require_participant_tls: bool,
 }
 
 /// The service.
@@ -290,7 +292,9 @@ impl CoordinatorApi {
         if r.instance_id.is_empty() || r.instance_id.len() > 128 {
             return Err(ValidationError::new("instance_id", "must be 1 to 128 bytes").into());
         }
-        check_endpoint(&r.endpoint).map_err(|e| ValidationError::new("endpoint", e))?;
+        check_endpoint(&r.endpoint)
+            .and_then(|_| check_tls(&r.endpoint, self.cfg.require_participant_tls))
+            .map_err(|e| ValidationError::new("endpoint", e))?;
         let ttl =
             convert::duration_in("ttl", r.ttl.as_ref())?.unwrap_or(self.cfg.heartbeat_ttl_default);
         // An explicit zero withdraws the instance at once (a participant

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::domain::{CallResult, Definition, Phase, Saga, StepState};
@@ -41,6 +41,15 @@ pub struct CallerConfig {
     pub connect_timeout: Duration,
     /// Largest accepted output (bytes).
     pub payload_bytes_max: usize,
+    /// TLS towards `https://` endpoints: the CA to verify them with (else
+    /// the system's roots) and sagad's client certificate, if any.
+    pub tls: ClientTlsConfig,
+    /// Refuse plaintext (`http://`) endpoints (`--require-participant-tls`).
+    pub require_tls: bool,
+    /// Sent as `authorization: Bearer <token>` with every call, so that
+    /// participants can tell it is sagad calling (marked sensitive: never
+    /// printed).
+    pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// Registered endpoints by participant, with when they were read.
@@ -80,7 +89,9 @@ impl Participants {
     pub fn new(cfg: CallerConfig, store: Arc<dyn SagaStore>) -> Result<Self, String> {
         for (name, urls) in &cfg.statics {
             for url in urls {
-                check_endpoint(url).map_err(|e| format!("--participant {name}={url}: {e}"))?;
+                check_endpoint(url)
+                    .and_then(|_| check_tls(url, cfg.require_tls))
+                    .map_err(|e| format!("--participant {name}={url}: {e}"))?;
             }
         }
         Ok(Participants {
@@ -126,6 +137,11 @@ impl Participants {
         };
         let mut request = tonic::Request::new(build_request(&inv, handler));
         request.set_timeout(inv.timeout);
+        if let Some(token) = &self.cfg.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
         let started = Instant::now();
         let answer = tokio::time::timeout(inv.timeout, client.invoke(request)).await;
         // tonic's own deadline (grpc-timeout: CANCELLED) races with ours:
@@ -246,10 +262,16 @@ impl Participants {
         if let Some(c) = clients.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = check_endpoint(endpoint)?
+        check_tls(endpoint, self.cfg.require_tls)?;
+        let mut channel = check_endpoint(endpoint)?
             .connect_timeout(self.cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if endpoint.starts_with("https://") {
+            channel = channel
+                .tls_config(self.cfg.tls.clone())
+                .map_err(|e| format!("TLS: {e}"))?;
+        }
+        let channel = channel.connect_lazy();
         let client = ParticipantServiceClient::new(channel)
             .max_decoding_message_size(self.cfg.payload_bytes_max.saturating_mul(2).max(4 << 20));
         clients.insert(endpoint.to_owned(), client.clone());
@@ -260,6 +282,49 @@ impl Participants {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned map of caches is still a valid map of caches.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// With `require_tls`, refuses a plaintext endpoint (`--require-participant-tls`).
+pub fn check_tls(url: &str, require_tls: bool) -> Result<(), String> {
+    if require_tls && !url.starts_with("https://") {
+        return Err(
+            "plaintext endpoints are refused: sagad requires TLS to participants \
+             (--require-participant-tls); use https://"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The bearer value for `token` (trimmed), marked sensitive; refuses an
+/// empty token or one that is not printable ASCII, without quoting it.
+pub fn bearer(
+    token: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token must be non-empty printable ASCII without spaces".into());
+    }
+    let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token is not a valid header value".to_owned())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// The TLS settings towards participants: `ca` (PEM) verifies them, else
+/// the system's roots; `identity` (PEM certificate chain and key) is
+/// presented to participants that ask for a client certificate.
+pub fn client_tls(ca: Option<&[u8]>, identity: Option<(&[u8], &[u8])>) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new();
+    let tls = match ca {
+        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+        None => tls.with_native_roots(),
+    };
+    match identity {
+        Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+        None => tls,
+    }
 }
 
 /// Parses a participant endpoint (`http://host:port` or `https://…`).

@@ -114,6 +114,16 @@ pub struct TestCoordinator {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What `server::start` refuses `cfg` with (it must refuse it).
+pub async fn start_error(cfg: Config) -> String {
+    let pool = saga_coordinator::server::connect(&cfg).await.unwrap();
+    saga_coordinator::server::start(cfg, pool, Default::default())
+        .await
+        .err()
+        .expect("start refuses this configuration")
+        .to_string()
+}
+
 /// Test defaults: fast polls and a short lease, ports chosen by the OS.
 pub fn test_config(db: &TestDb) -> Config {
     let mut cfg = Config::with_database(&db.url);

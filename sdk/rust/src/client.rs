@@ -342,6 +342,40 @@ pub struct SagaPage {
     pub next_page_token: Option<String>,
 }
 
+/// TLS towards the coordinator (PEM). Unset: the system's roots, no client
+/// certificate.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// CA certificates the coordinator's certificate must chain to.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Certificate chain and key presented for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ClientTls")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "…"))
+            .field("identity", &self.identity.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+impl ClientTls {
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let tls = match &self.ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        match &self.identity {
+            Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    }
+}
+
 /// A client of `saga.v1.CoordinatorService`. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -355,17 +389,33 @@ pub struct Client {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
-    /// Connects to a coordinator (`http://127.0.0.1:50051`), giving up after
-    /// five seconds.
+    /// Connects to a coordinator (`http://127.0.0.1:50051`, or `https://…`
+    /// verified against the system's roots), giving up after five seconds.
     pub async fn connect(url: impl Into<String>) -> Result<Client, ClientError> {
+        Client::connect_tls(url, ClientTls::default()).await
+    }
+
+    /// Connects with TLS settings: the CA that signed the coordinator's
+    /// certificate, and a client certificate for mutual TLS. They apply to
+    /// `https://` URLs.
+    pub async fn connect_tls(
+        url: impl Into<String>,
+        tls: ClientTls,
+    ) -> Result<Client, ClientError> {
         let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|source| ClientError::Connect {
-                url: url.clone(),
-                source,
-            })?
+        let connect_err = |url: &str| {
+            let url = url.to_owned();
+            move |source| ClientError::Connect { url, source }
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(connect_err(&url))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tls.config())
+                .map_err(connect_err(&url))?;
+        }
         let channel = endpoint
             .connect()
             .await

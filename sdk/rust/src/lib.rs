@@ -93,8 +93,8 @@ mod definition;
 mod participant;
 
 pub use client::{
-    Client, ClientError, ListQuery, Saga, SagaEvent, SagaPage, SagaState, StartOptions, Started,
-    StepState, StepStatus,
+    Client, ClientError, ClientTls, ListQuery, Saga, SagaEvent, SagaPage, SagaState, StartOptions,
+    Started, StepState, StepStatus,
 };
 pub use definition::{DefinitionBuilder, DefinitionError, RetryPolicy, SagaDefinition, Step};
 pub use participant::{

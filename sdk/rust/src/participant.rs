@@ -173,6 +173,7 @@ pub struct ParticipantBuilder {
     name: String,
     actions: HashMap<String, HandlerFn>,
     compensations: HashMap<String, HandlerFn>,
+    token: Option<String>,
 }
 
 impl ParticipantBuilder {
@@ -224,6 +225,14 @@ impl ParticipantBuilder {
         self
     }
 
+    /// Accepts calls only with `authorization: Bearer <token>`: the token
+    /// sagad sends (`--participant-token-file`). Other callers are refused
+    /// with `UNAUTHENTICATED` before any handler runs.
+    pub fn require_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into().trim().to_owned());
+        self
+    }
+
     /// The participant.
     pub fn build(self) -> Participant {
         Participant {
@@ -231,6 +240,7 @@ impl ParticipantBuilder {
                 name: self.name,
                 actions: self.actions,
                 compensations: self.compensations,
+                token: self.token,
             }),
         }
     }
@@ -240,6 +250,7 @@ struct Inner {
     name: String,
     actions: HashMap<String, HandlerFn>,
     compensations: HashMap<String, HandlerFn>,
+    token: Option<String>,
 }
 
 /// A participant: a logical service name and its handlers. Cheap to clone.
@@ -268,6 +279,7 @@ impl Participant {
             name: name.into(),
             actions: HashMap::new(),
             compensations: HashMap::new(),
+            token: None,
         }
     }
 
@@ -423,8 +435,26 @@ impl ParticipantService for Participant {
         &self,
         request: Request<proto::InvokeRequest>,
     ) -> Result<Response<proto::InvokeResponse>, Status> {
+        if let Some(token) = &self.inner.token {
+            let given = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| same_secret(g, token)) {
+                return Err(Status::unauthenticated(
+                    "this participant accepts calls from sagad only: missing or wrong authorization",
+                ));
+            }
+        }
         self.call(request.into_inner()).await.map(Response::new)
     }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// How often to announce, and for how long each announcement holds.
