@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import hmac
 import inspect
 import json
 import logging
@@ -114,10 +115,15 @@ class Participant:
     ...     return {"reference": "HT-1"}
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, require_token: str | None = None) -> None:
+        """``require_token``: accept only calls carrying
+        ``authorization: Bearer <token>`` — the token sagad sends
+        (``--participant-token-file``); others are refused with
+        ``UNAUTHENTICATED`` before any handler runs."""
         self.name = name
         self._actions: dict[str, _Registered] = {}
         self._compensations: dict[str, _Registered] = {}
+        self._token = require_token.strip() if require_token is not None else None
 
     def action(self, handler: str, *, input_type: type[Any] | None = None) -> Callable[[F], F]:
         """Registers ``fn(ctx, input)`` as the action ``handler``. With
@@ -152,13 +158,43 @@ class Participant:
         also serve the service's own APIs."""
         pb_grpc.add_ParticipantServiceServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> "Served":
-        """Serves only this participant; returns the server and its endpoint."""
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: tuple[bytes, bytes] | None = None,
+        client_ca: bytes | None = None,
+    ) -> "Served":
+        """Serves only this participant; returns the server and its endpoint.
+        ``tls`` is a PEM (certificate chain, key): served over TLS, the
+        endpoint is ``https://``; ``client_ca`` also asks callers for a
+        certificate it signed (mutual TLS: only sagad with
+        ``--participant-cert`` gets through)."""
         server = grpc.aio.server()
         self.add_to_server(server)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+            scheme = "http"
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(tls[1], tls[0])],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            bound = server.add_secure_port(f"{host}:{port}", creds)
+            scheme = "https"
         await server.start()
-        return Served(server=server, endpoint=f"http://{host}:{bound}")
+        return Served(server=server, endpoint=f"{scheme}://{host}:{bound}")
+
+    def accepts(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        """Whether a call with this metadata may run (see ``require_token``)."""
+        if self._token is None:
+            return True
+        given = next((v for k, v in metadata or () if k == "authorization"), None)
+        if not isinstance(given, str) or not given.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(given[len("Bearer "):].encode(), self._token.encode())
 
     async def register(
         self,
@@ -291,6 +327,11 @@ class _Servicer(pb_grpc.ParticipantServiceServicer):
     async def Invoke(  # noqa: N802 (the generated name)
         self, request: pb.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.InvokeResponse:
+        if not self._p.accepts(context.invocation_metadata()):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this participant accepts calls from sagad only: missing or wrong authorization",
+            )
         try:
             return await self._p.invoke(request)
         except _Abort as a:
