@@ -45,6 +45,11 @@ pub struct Args {
     /// The sagad binary to start (default: next to saga-bench).
     #[arg(long)]
     pub sagad_bin: Option<std::path::PathBuf>,
+    /// Start sagad with TLS (a certificate made for the run) and call it over
+    /// TLS: the cost of TLS beside a plaintext run. The figures inside sagad
+    /// (/metrics) are not read then: its admin server speaks TLS too.
+    #[arg(long, conflicts_with = "sagad")]
+    pub tls: bool,
     /// Steps per saga.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub steps: u32,
@@ -231,6 +236,9 @@ struct Sagad {
     url: String,
     /// Its admin address, for `/metrics`.
     admin: Option<String>,
+    /// With `--tls`: the CA that signed its certificate, and where the
+    /// files are (removed on drop).
+    tls: Option<(String, std::path::PathBuf)>,
 }
 
 impl Drop for Sagad {
@@ -241,6 +249,9 @@ impl Drop for Sagad {
                 .args(["-TERM", &c.id().to_string()])
                 .status();
             let _ = c.wait();
+        }
+        if let Some((_, dir)) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -296,6 +307,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             comm: String::new(),
             url: url.clone(),
             admin: args.sagad_admin.clone(),
+            tls: None,
         });
     }
     if sqlx::Postgres::database_exists(&args.database_url).await? {
@@ -305,15 +317,24 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("sagad"),
     };
-    let mut child = std::process::Command::new(&bin)
-        .args([
-            "--database-url",
-            &args.database_url,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+    let tls = if args.tls { Some(certificate()?) } else { None };
+    let mut command = std::process::Command::new(&bin);
+    command.args([
+        "--database-url",
+        &args.database_url,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    if let Some((_, dir)) = &tls {
+        command
+            .arg("--tls-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("key.pem"));
+    }
+    let mut child = command
         .args(["--participant", &format!("bench={participant_url}")])
         .env("RUST_LOG", "warn,saga_coordinator::server=info")
         .stdout(std::process::Stdio::piped())
@@ -341,6 +362,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         comm,
         url: String::new(),
         admin: None,
+        tls,
     };
     let line = rx
         .recv_timeout(Duration::from_secs(60))
@@ -352,9 +374,34 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             .and_then(|s| s.split_whitespace().next())
     };
     let addr = field("grpc_addr").ok_or_else(|| anyhow!("no grpc_addr in {line:?}"))?;
-    sagad.url = format!("http://{addr}");
-    sagad.admin = field("admin_addr").map(str::to_owned);
+    if sagad.tls.is_some() {
+        sagad.url = format!("https://{addr}");
+    } else {
+        sagad.url = format!("http://{addr}");
+        sagad.admin = field("admin_addr").map(str::to_owned);
+    }
     Ok(sagad)
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, written to a fresh
+/// directory as cert.pem and key.pem; returns the CA's PEM and the directory.
+fn certificate() -> anyhow::Result<(String, std::path::PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "saga-bench CA");
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&key, &issuer)?;
+    let dir = std::env::temp_dir().join(format!("saga-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("cert.pem"), leaf.pem())?;
+    std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+    Ok((ca_pem, dir))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -420,10 +467,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.steps, args.concurrency, args.duration_secs, args.fail_fraction
     );
 
-    let channel = tonic::transport::Endpoint::from_shared(sagad.url.clone())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(sagad.url.clone())?.tcp_nodelay(true);
+    if let Some((ca, _)) = &sagad.tls {
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )?;
+    }
+    let channel = endpoint.connect().await?;
     let mut client = CoordinatorServiceClient::new(channel.clone());
     if args.sagad.is_some() {
         client
@@ -532,6 +584,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "steps": args.steps,
         "fail_fraction": args.fail_fraction,
         "duration_secs": args.duration_secs,
+        "tls": args.tls,
         "postgres": version,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "levels": levels,

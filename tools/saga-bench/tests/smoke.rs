@@ -75,3 +75,34 @@ async fn saga_bench_runs_and_writes_its_report() {
         .starts_with("<svg"));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[tokio::test]
+async fn saga_bench_runs_over_tls() {
+    let db = common::TestDb::new().await;
+    let out = std::env::temp_dir().join(format!("saga-bench-tls-{}", uuid::Uuid::new_v4()));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
+    cmd.args(["--database-url", &db.url, "--tls", "--concurrency", "2"])
+        .args(["--duration-secs", "1", "--warmup-secs", "0", "--no-ceiling"])
+        .args(["--stats-settle-secs", "0"])
+        .arg("--sagad-bin")
+        .arg(sagad_bin())
+        .arg("--out")
+        .arg(&out);
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(report["tls"], true);
+    let level = &report["levels"][0];
+    assert_eq!(level["errors"], 0);
+    assert!(level["sagas"].as_u64().unwrap() > 0, "{level}");
+    let _ = std::fs::remove_dir_all(&out);
+}
