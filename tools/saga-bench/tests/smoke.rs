@@ -21,27 +21,20 @@ fn sagad_bin() -> std::path::PathBuf {
     p
 }
 
-#[tokio::test]
-async fn saga_bench_runs_and_writes_its_report() {
+/// Runs saga-bench on a fresh database with `args` (one level at
+/// concurrency 2, a second, no warm-up); returns its results.json and the
+/// output folder (the chart is beside it).
+async fn run_bench(args: &[&str]) -> (serde_json::Value, std::path::PathBuf) {
     let db = common::TestDb::new().await;
     let out = std::env::temp_dir().join(format!("saga-bench-{}", uuid::Uuid::new_v4()));
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
-    cmd.args([
-        "--database-url",
-        &db.url,
-        "--concurrency",
-        "2",
-        "--duration-secs",
-        "1",
-        "--fail-fraction",
-        "0.25",
-        "--warmup-secs",
-        "0",
-    ])
-    .arg("--sagad-bin")
-    .arg(sagad_bin())
-    .arg("--out")
-    .arg(&out);
+    cmd.args(["--database-url", &db.url, "--concurrency", "2"])
+        .args(["--duration-secs", "1", "--warmup-secs", "0"])
+        .args(args)
+        .arg("--sagad-bin")
+        .arg(sagad_bin())
+        .arg("--out")
+        .arg(&out);
     let output = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -52,8 +45,13 @@ async fn saga_bench_runs_and_writes_its_report() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let report = std::fs::read_to_string(out.join("results.json")).unwrap();
+    (serde_json::from_str(&report).unwrap(), out)
+}
+
+#[tokio::test]
+async fn saga_bench_runs_and_writes_its_report() {
+    let (report, out) = run_bench(&["--fail-fraction", "0.25"]).await;
     let level = &report["levels"][0];
     assert_eq!(level["concurrency"], 2);
     assert_eq!(level["errors"], 0);
@@ -78,28 +76,7 @@ async fn saga_bench_runs_and_writes_its_report() {
 
 #[tokio::test]
 async fn saga_bench_runs_over_tls() {
-    let db = common::TestDb::new().await;
-    let out = std::env::temp_dir().join(format!("saga-bench-tls-{}", uuid::Uuid::new_v4()));
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
-    cmd.args(["--database-url", &db.url, "--tls", "--concurrency", "2"])
-        .args(["--duration-secs", "1", "--warmup-secs", "0", "--no-ceiling"])
-        .args(["--stats-settle-secs", "0"])
-        .arg("--sagad-bin")
-        .arg(sagad_bin())
-        .arg("--out")
-        .arg(&out);
-    let output = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let (report, out) = run_bench(&["--tls", "--no-ceiling", "--stats-settle-secs", "0"]).await;
     assert_eq!(report["tls"], true);
     let level = &report["levels"][0];
     assert_eq!(level["errors"], 0);
