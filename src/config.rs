@@ -33,10 +33,30 @@ pub struct Config {
     /// Address of the admin HTTP server (/healthz, /readyz).
     #[arg(long, env = "SAGAD_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
     pub admin_addr: SocketAddr,
-    /// Token for operator actions (admin page, JSON API, gRPC operator
-    /// RPCs). Required when the admin server listens beyond loopback.
+    /// A token for one principal, `admin`, with every role (at least 16
+    /// characters). Setting it, like --auth-file or --jwt-key, makes every
+    /// call and admin request need a credential.
     #[arg(long, env = "SAGAD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// YAML file of principals: `principals: [{name, token_sha256,
+    /// cert_subject, roles}]`. Reloaded on SIGHUP.
+    #[arg(long, env = "SAGAD_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Key that JWTs (`authorization: Bearer <jwt>`) are checked with: an
+    /// HS256 secret, an RSA or EC PEM public key, or a JWKS file. The
+    /// token's `sub` is the principal, its `roles` claim the roles.
+    /// Reloaded on SIGHUP.
+    #[arg(long, env = "SAGAD_JWT_KEY")]
+    pub jwt_key: Option<PathBuf>,
+    /// JWTs must carry this `iss`.
+    #[arg(long, env = "SAGAD_JWT_ISSUER", requires = "jwt_key")]
+    pub jwt_issuer: Option<String>,
+    /// JWTs must name this in `aud`.
+    #[arg(long, env = "SAGAD_JWT_AUDIENCE", requires = "jwt_key")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on a JWT's `exp` and `nbf`.
+    #[arg(long, env = "SAGAD_JWT_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub jwt_leeway_secs: u64,
     /// A static participant endpoint, NAME=URL (repeatable; a name may have
     /// several URLs). Env: comma-separated.
     #[arg(long = "participant", env = "SAGAD_PARTICIPANTS", value_delimiter = ',', value_parser = parse_participant)]
@@ -117,9 +137,8 @@ pub struct Config {
     /// database (the worker polls meanwhile).
     #[arg(long, env = "SAGAD_DB_LISTEN_RETRY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub db_listen_retry_ms: u64,
-    /// Listen beyond loopback without the protection that is missing (the
-    /// gRPC API has no authentication yet; TLS unless the flags below are
-    /// set). Logged as a warning at every start.
+    /// Listen beyond loopback without the protection that is missing (TLS,
+    /// authentication). Logged as a warning at every start.
     #[arg(long, env = "SAGAD_INSECURE_ALLOW_PLAINTEXT")]
     pub insecure_allow_plaintext: bool,
     /// PEM certificate chain: serve the gRPC API over TLS (and the admin
@@ -244,18 +263,39 @@ impl Config {
         })
     }
 
-    /// What is exposed beyond loopback without protection, one line each.
+    /// Where principals come from.
+    pub fn auth(&self) -> crate::auth::AuthConfig {
+        crate::auth::AuthConfig {
+            auth_file: self.auth_file.clone(),
+            jwt_key: self.jwt_key.clone(),
+            jwt: crate::auth::jwt::JwtRules {
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                leeway_secs: self.jwt_leeway_secs,
+            },
+            admin_token: self.admin_token.clone(),
+        }
+    }
+
+    /// What is exposed beyond loopback without protection, one line each:
+    /// a listener there needs TLS and authentication.
     fn exposures(&self) -> Vec<(&'static str, SocketAddr, &'static str)> {
         let mut out = Vec::new();
-        if !self.grpc_addr.ip().is_loopback() {
-            out.push(if self.grpc_tls().is_some() {
-                ("--grpc-addr", self.grpc_addr, "the gRPC API has no authentication yet: anyone who reaches it could start sagas, register definitions and pose as a participant")
-            } else {
-                ("--grpc-addr", self.grpc_addr, "the gRPC API has no TLS (--tls-cert) and no authentication yet: anyone who reaches it could start sagas, register definitions and pose as a participant")
-            });
-        }
-        if !self.admin_addr.ip().is_loopback() && self.admin_tls().is_none() {
-            out.push(("--admin-addr", self.admin_addr, "the admin server has no TLS (--tls-cert or --admin-tls-cert): the admin token and every saga's data would cross the network in plaintext"));
+        let auth = self.auth().enabled();
+        let listeners = [
+            ("--grpc-addr", self.grpc_addr, self.grpc_tls().is_some()),
+            ("--admin-addr", self.admin_addr, self.admin_tls().is_some()),
+        ];
+        for (flag, addr, tls) in listeners {
+            if addr.ip().is_loopback() {
+                continue;
+            }
+            match (tls, auth) {
+                (true, true) => {}
+                (false, true) => out.push((flag, addr, "there is no TLS (set --tls-cert/--tls-key, or --admin-tls-cert for the admin server): credentials and every saga's data would cross the network in plaintext")),
+                (true, false) => out.push((flag, addr, "there is no authentication (set --auth-file, --jwt-key or --admin-token): anyone who reaches it could start sagas, register definitions, act as an operator and pose as a participant")),
+                (false, false) => out.push((flag, addr, "there is neither TLS (--tls-cert/--tls-key) nor authentication (--auth-file, --jwt-key or --admin-token)")),
+            }
         }
         out
     }
@@ -272,10 +312,8 @@ impl Config {
     }
 
     /// Settings that cannot be checked one flag at a time. Nothing listens
-    /// beyond loopback without protection unless told so explicitly: the
-    /// gRPC API (no authentication yet) and an admin server without TLS
-    /// need `--insecure-allow-plaintext` there, and the admin server its
-    /// token.
+    /// beyond loopback without TLS and authentication unless told so
+    /// explicitly (`--insecure-allow-plaintext`).
     pub fn check(&self) -> Result<(), String> {
         if !self.insecure_allow_plaintext {
             if let Some((flag, addr, why)) = self.exposures().into_iter().next() {
@@ -284,13 +322,6 @@ impl Config {
                      or pass --insecure-allow-plaintext to accept that"
                 ));
             }
-        }
-        if !self.admin_addr.ip().is_loopback() && self.admin_token.is_none() {
-            return Err(format!(
-                "--admin-addr {} is not a loopback address: set --admin-token (SAGAD_ADMIN_TOKEN) so that \
-                 operator actions need it",
-                self.admin_addr
-            ));
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err("--admin-token must be at least 16 characters".into());

@@ -40,6 +40,11 @@ pub enum OpsError {
     /// Bad input, naming the field (INVALID_ARGUMENT / 400).
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    /// The caller may not read what it asked for (UNAUTHENTICATED / 401,
+    /// PERMISSION_DENIED / 403); raised where the check needs a stored
+    /// saga (a client reading its own).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// Unknown saga or definition (NOT_FOUND / 404).
     #[error("{0}")]
     NotFound(String),

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::admin::{AdminConfig, AdminState};
 use crate::api::{ApiConfig, CoordinatorApi};
+use crate::auth::Authenticator;
 use crate::config::{redact_url, Config};
 use crate::domain::Defaults;
 use crate::metrics::Metrics;
@@ -155,6 +156,7 @@ pub struct Coordinator {
     /// This process's owner id.
     pub owner: OwnerId,
     tls: Vec<Arc<Tls>>,
+    auth: Arc<Authenticator>,
     stop: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -177,6 +179,17 @@ impl Coordinator {
     /// The listeners' TLS configurations, to reload from elsewhere.
     pub fn tls(&self) -> Vec<Arc<Tls>> {
         self.tls.clone()
+    }
+
+    /// Reads the auth file and the JWT key again (what SIGHUP does). A file
+    /// that does not load leaves the previous principals in force.
+    pub fn reload_auth(&self) -> Result<(), String> {
+        self.auth.reload()
+    }
+
+    /// The authenticator, to reload from elsewhere.
+    pub fn auth(&self) -> Arc<Authenticator> {
+        self.auth.clone()
     }
 
     /// Waits until the coordinator has stopped (after `stop` was cancelled).
@@ -259,7 +272,8 @@ pub async fn start(
         claimer: tokio::spawn(parts.worker.clone().run_claim_loop()),
     };
     let owner = parts.worker.owner();
-    tracing::info!(%grpc_addr, %admin_addr, owner = %owner.0, "sagad started");
+    let auth = parts.auth.clone();
+    tracing::info!(%grpc_addr, %admin_addr, owner = %owner.0, authentication = auth.enabled(), "sagad started");
     let done = tokio::spawn(shut_down(
         tasks,
         parts.worker,
@@ -274,6 +288,7 @@ pub async fn start(
         admin_addr,
         owner,
         tls: grpc_tls.into_iter().chain(admin_tls).collect(),
+        auth,
         stop,
         done,
     })
@@ -285,12 +300,14 @@ struct Parts {
     worker: Arc<Worker>,
     api: CoordinatorApi,
     admin: Arc<AdminState>,
+    auth: Arc<Authenticator>,
     settled: broadcast::Sender<Uuid>,
     abandon: CancellationToken,
 }
 
 impl Parts {
     fn build(cfg: &Config, pool: PgPool, stop: CancellationToken) -> Result<Parts, Error> {
+        let auth = Arc::new(Authenticator::new(cfg.auth()).map_err(Error::Config)?);
         let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
         let metrics = Arc::new(Metrics::with_db_writes(pg.db_writes()));
         let store: Arc<dyn SagaStore> = Arc::new(pg);
@@ -331,8 +348,8 @@ impl Parts {
             ops.clone(),
             pool,
             metrics.clone(),
+            auth.clone(),
             AdminConfig {
-                token: cfg.admin_token.clone(),
                 stuck,
                 page_rows_default: cfg.list_page_rows_default,
                 page_rows_max: cfg.list_page_rows_max,
@@ -341,12 +358,20 @@ impl Parts {
         );
         let notices = usize::try_from(cfg.wait_notices_max).unwrap_or(usize::MAX);
         let (settled, _) = broadcast::channel(notices);
-        let api = CoordinatorApi::new(ops, metrics, settled.clone(), stop, api_config(cfg, stuck));
+        let api = CoordinatorApi::new(
+            ops,
+            metrics,
+            settled.clone(),
+            stop,
+            auth.clone(),
+            api_config(cfg, stuck),
+        );
         Ok(Parts {
             store,
             worker,
             api,
             admin,
+            auth,
             settled,
             abandon,
         })
@@ -364,7 +389,6 @@ fn api_config(cfg: &Config, stuck: StuckRule) -> ApiConfig {
         page_rows_max: cfg.list_page_rows_max,
         stuck,
         heartbeat_ttl_default: Duration::from_millis(cfg.heartbeat_ttl_default_ms),
-        admin_token: cfg.admin_token.clone(),
         require_participant_tls: cfg.require_participant_tls,
     }
 }
@@ -531,22 +555,29 @@ async fn listen(
 
 /// Runs a coordinator until SIGTERM or Ctrl-C.
 pub async fn run(cfg: Config) -> Result<(), Error> {
-    // Refuse bad settings before touching the database.
+    // Refuse bad settings and unreadable auth files before touching the
+    // database.
     cfg.check().map_err(Error::Config)?;
+    Authenticator::new(cfg.auth()).map_err(Error::Config)?;
     let pool = connect(&cfg).await?;
     let stop = CancellationToken::new();
     let coordinator = start(cfg, pool, stop.clone()).await?;
     #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(coordinator.tls(), stop.clone()));
+    tokio::spawn(reload_on_sighup(
+        coordinator.tls(),
+        coordinator.auth(),
+        stop.clone(),
+    ));
     shutdown_signal().await;
     stop.cancel();
     coordinator.stopped().await;
     Ok(())
 }
 
-/// Reloads the TLS certificates on every SIGHUP, until `stop`.
+/// Reloads the TLS certificates and the principals on every SIGHUP, until
+/// `stop`.
 #[cfg(unix)]
-async fn reload_on_sighup(tls: Vec<Arc<Tls>>, stop: CancellationToken) {
+async fn reload_on_sighup(tls: Vec<Arc<Tls>>, auth: Arc<Authenticator>, stop: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -566,6 +597,14 @@ async fn reload_on_sighup(tls: Vec<Arc<Tls>>, stop: CancellationToken) {
                 Ok(()) => tracing::info!(%cert, "reloaded TLS certificates"),
                 Err(error) => {
                     tracing::error!(%error, "TLS certificates not reloaded; the previous ones stay")
+                }
+            }
+        }
+        if auth.enabled() {
+            match auth.reload() {
+                Ok(()) => tracing::info!("reloaded the auth file and JWT key"),
+                Err(error) => {
+                    tracing::error!(%error, "principals not reloaded; the previous ones stay")
                 }
             }
         }

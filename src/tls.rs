@@ -219,6 +219,9 @@ pub struct TlsConnectInfo {
     pub remote: SocketAddr,
     /// The client's certificate chain, when it presented one (mutual TLS).
     pub peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The subject of the client's certificate (`CN=…,O=…`), read once per
+    /// connection; principals may be mapped to it.
+    pub peer_subject: Option<Arc<str>>,
 }
 
 impl TlsConn {
@@ -238,9 +241,15 @@ impl tonic::transport::server::Connected for TlsConn {
             .1
             .peer_certificates()
             .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()));
+        let peer_subject = peer
+            .as_ref()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| crate::auth::der::certificate_subject(leaf).ok())
+            .map(Arc::from);
         TlsConnectInfo {
             remote: self.remote,
             peer_certificates: peer,
+            peer_subject,
         }
     }
 }

@@ -13,7 +13,7 @@ const TOKEN: &str = "test-admin-token-0123456789";
 
 struct Env {
     coord: TestCoordinator,
-    client: proto::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+    client: Client,
     svc: Scripted,
     db: TestDb,
 }
@@ -149,12 +149,13 @@ async fn json_api_actions_need_the_token() {
     let (bad, good) = two_sagas(&mut e, "{}").await;
     let retry = format!("/api/sagas/{bad}/retry");
     assert_eq!(post_json(&e, &retry, None, "{}").await.status, 401);
-    assert_eq!(
-        post_json(&e, &retry, Some("wrong-token-wrong-token"), "{}")
-            .await
-            .status,
-        403
-    );
+    let wrong = post_json(&e, &retry, Some("wrong-token-wrong-token"), "{}").await;
+    assert_eq!(wrong.status, 401, "an unknown token is no credential");
+    assert!(!wrong.body.contains("wrong-token"), "{}", wrong.body);
+    // Reads need it too, once authentication is configured.
+    assert_eq!(get(&e, &format!("/api/sagas/{bad}")).await.status, 401);
+    assert_eq!(get(&e, "/metrics").await.status, 401);
+    assert_eq!(get(&e, "/healthz").await.status, 200, "probes stay open");
     let r = http(
         e.coord.admin,
         "POST",
@@ -187,11 +188,14 @@ async fn json_api_actions_need_the_token() {
     assert_eq!(state(&done), proto::SagaState::Completed);
     let evs = events(&mut e.client, &bad).await;
     let op = evs.iter().find(|ev| ev.kind == "operator_retry").unwrap();
-    assert_eq!(op.detail, "by ops-bot: fixed the deployment");
+    assert_eq!(
+        op.detail, "by ops-bot (admin): fixed the deployment",
+        "the person named, and the principal"
+    );
 
     // gRPC operator RPCs need the token too.
-    let err = e
-        .client
+    let mut anonymous = e.coord.client_with(None).await;
+    let err = anonymous
         .resolve_saga(proto::ResolveSagaRequest {
             saga_id: good.clone(),
             note: "x".into(),
@@ -206,8 +210,8 @@ async fn json_api_actions_need_the_token() {
     req.metadata_mut()
         .insert("authorization", "Bearer nope".parse().unwrap());
     assert_eq!(
-        e.client.resolve_saga(req).await.unwrap_err().code(),
-        Code::PermissionDenied
+        anonymous.resolve_saga(req).await.unwrap_err().code(),
+        Code::Unauthenticated
     );
     let mut req = tonic::Request::new(proto::ResolveSagaRequest {
         saga_id: good,
@@ -216,7 +220,7 @@ async fn json_api_actions_need_the_token() {
     req.metadata_mut()
         .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     assert_eq!(
-        e.client.resolve_saga(req).await.unwrap_err().code(),
+        anonymous.resolve_saga(req).await.unwrap_err().code(),
         Code::FailedPrecondition,
         "authorized; COMPLETED is final"
     );
@@ -246,10 +250,11 @@ async fn the_page_logs_in_checks_csrf_and_confirms_actions() {
     let mut e = env(Some(TOKEN)).await;
     let (bad, _) = two_sagas(&mut e, "{}").await;
     let page = get(&e, &format!("/sagas/{bad}")).await;
-    assert_eq!(page.status, 200);
+    assert_eq!(page.status, 401, "reading needs a login too");
+    assert!(page.body.contains("id=login-button"), "{}", page.body);
     assert!(
-        page.body.contains("id=login-to-act"),
-        "actions need a login"
+        page.body.contains(&format!("value='/sagas/{bad}'")),
+        "and comes back here"
     );
     assert!(!page.body.contains("name=csrf"));
 
@@ -376,7 +381,7 @@ async fn the_page_logs_in_checks_csrf_and_confirms_actions() {
         .find(|ev| ev.kind == "operator_retry")
         .unwrap();
     assert_eq!(
-        op.detail, "by web:alice: redeployed",
+        op.detail, "by alice (admin): redeployed",
         "actor and note recorded"
     );
     let shown = http(
@@ -488,14 +493,18 @@ async fn pages_show_counts_stuck_first_and_definitions() {
 }
 
 #[tokio::test]
-async fn sagad_refuses_a_public_admin_address_without_a_token() {
+async fn sagad_refuses_a_public_admin_address_without_tls_and_authentication() {
     let db = TestDb::new().await;
     let mut cfg = test_config(&db);
     cfg.admin_addr = "0.0.0.0:0".parse().unwrap();
-    // Even with plaintext allowed beyond loopback, not without a token.
-    cfg.insecure_allow_plaintext = true;
+    let err = start_error(cfg.clone()).await;
+    assert!(
+        err.contains("--admin-addr") && err.contains("neither TLS") && err.contains("--auth-file"),
+        "{err}"
+    );
+    cfg.admin_token = Some(TOKEN.into());
     let err = start_error(cfg).await;
-    assert!(err.contains("--admin-token"), "{err}");
+    assert!(err.contains("there is no TLS"), "{err}");
 }
 
 /// Whether the plan has a sequential scan with no `Limit` above it (a seq
@@ -524,10 +533,12 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
     .await;
     let pool = e.db.pool().await;
     sqlx::query(
-        "INSERT INTO sagas (saga_id, definition, version, state, input, steps, created_at, updated_at)
+        "INSERT INTO sagas (saga_id, definition, version, state, input, steps, created_at, updated_at,
+                            started_by)
          SELECT gen_random_uuid(), 'bulk', 1,
                 CASE WHEN i % 1000 = 0 THEN 'SUSPENDED' WHEN i % 997 = 0 THEN 'COMPENSATED' ELSE 'COMPLETED' END,
-                '{}', '[{\"state\":\"SUCCEEDED\"}]', now() - i * interval '1 second', now() - i * interval '1 second'
+                '{}', '[{\"state\":\"SUCCEEDED\"}]', now() - i * interval '1 second', now() - i * interval '1 second',
+                'client-' || (i % 50)
          FROM generate_series(1, 100000) AS i",
     )
     .execute(&pool)
@@ -535,7 +546,8 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
     .unwrap();
     sqlx::query("ANALYZE sagas").execute(&pool).await.unwrap();
     let list = saga_coordinator::store::pg::saga_list_sql();
-    // (name, states array, single state, definition, created before, stuck idle ms, may sort)
+    // (name, states array, single state, definition, created before, stuck
+    // idle ms, may sort, started by)
     type Case = (
         &'static str,
         Vec<String>,
@@ -544,9 +556,10 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
         bool,
         Option<i64>,
         bool,
+        Option<&'static str>,
     );
     let cases: Vec<Case> = vec![
-        ("all", vec![], None, None, false, None, false),
+        ("all", vec![], None, None, false, None, false, None),
         (
             "one settled state (100k rows)",
             vec![],
@@ -555,6 +568,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             false,
             None,
             false,
+            None,
         ),
         (
             "one rare state",
@@ -564,6 +578,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             false,
             None,
             false,
+            None,
         ),
         (
             "two states",
@@ -573,6 +588,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             false,
             None,
             true,
+            None,
         ),
         (
             "by definition",
@@ -582,11 +598,31 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             false,
             None,
             false,
+            None,
         ),
-        ("stuck", vec![], None, None, false, Some(300_000), true),
-        ("older than", vec![], None, None, true, None, false),
+        (
+            "stuck",
+            vec![],
+            None,
+            None,
+            false,
+            Some(300_000),
+            true,
+            None,
+        ),
+        ("older than", vec![], None, None, true, None, false, None),
+        (
+            "a client's own",
+            vec![],
+            None,
+            None,
+            false,
+            None,
+            false,
+            Some("client-7"),
+        ),
     ];
-    for (name, states, single, def, older, stuck, may_sort) in cases {
+    for (name, states, single, def, older, stuck, may_sort, by) in cases {
         let sql = format!("EXPLAIN (FORMAT JSON) {list}");
         let plan = sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql.clone()))
             .bind(states)
@@ -598,6 +634,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             .bind(stuck.map(|_| 5i32))
             .bind(51i64)
             .bind(single)
+            .bind(by)
             .fetch_one(&pool)
             .await
             .unwrap()

@@ -8,9 +8,6 @@ use common::*;
 use saga_coordinator::proto::{self, SagaState};
 use tonic::Code;
 
-type Client =
-    proto::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>;
-
 struct Env {
     coord: TestCoordinator,
     client: Client,

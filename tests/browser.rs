@@ -140,10 +140,26 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     let c = browser(&driver, &profile).await;
     let base = format!("http://{}", coord.admin);
 
-    // The list: counts at the top, the suspended saga in the stuck table.
+    // Nothing is shown before logging in: the login form comes first.
     c.goto(&format!("{base}/")).await.unwrap();
-    let stuck_count = c
-        .find(Locator::Css("#count-stuck b"))
+    appear(&c, "token").await.send_keys(TOKEN).await.unwrap();
+    c.find(Locator::Id("name"))
+        .await
+        .unwrap()
+        .send_keys("dana")
+        .await
+        .unwrap();
+    c.find(Locator::Id("login-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The list: counts at the top, the suspended saga in the stuck table.
+    let stuck_count = appear(&c, "count-stuck")
+        .await
+        .find(Locator::Css("b"))
         .await
         .unwrap()
         .text()
@@ -158,27 +174,16 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         appear(&c, "saga-state").await.text().await.unwrap(),
         "SUSPENDED"
     );
-
-    // Log in from the saga page and come back to it.
-    c.find(Locator::Id("login-to-act"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    appear(&c, "name").await.send_keys("dana").await.unwrap();
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    c.find(Locator::Id("login-button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    assert_eq!(
+        c.find(Locator::Id("started-by"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "admin",
+        "who started it"
+    );
 
     // Back on the saga's page: retry, confirmed; the result is shown.
     let form = appear(&c, "retry-form").await;
@@ -220,7 +225,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     );
     let history = appear(&c, "history").await.text().await.unwrap();
     assert!(
-        history.contains("operator_retry by web:dana: charge handler redeployed"),
+        history.contains("operator_retry by dana (admin): charge handler redeployed"),
         "{history}"
     );
 

@@ -13,7 +13,7 @@ use tonic::Code;
 // Fields drop in order: the coordinator before its database.
 struct Env {
     coord: TestCoordinator,
-    client: proto::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+    client: Client,
     svc: Scripted,
     _db: TestDb,
 }
@@ -697,11 +697,11 @@ async fn channels_of_dead_participant_instances_are_dropped() {
     let (url_a, url_b) = (a.clone().serve().await, b.clone().serve().await);
     let ttl = Duration::from_secs(60);
     store
-        .participant_heartbeat("svc", "a", &url_a, ttl)
+        .participant_heartbeat("svc", "a", &url_a, ttl, None)
         .await
         .unwrap();
     store
-        .participant_heartbeat("svc", "b", &url_b, ttl)
+        .participant_heartbeat("svc", "b", &url_b, ttl, None)
         .await
         .unwrap();
 
@@ -740,7 +740,7 @@ async fn channels_of_dead_participant_instances_are_dropped() {
 
     // a withdraws (TTL 0): its channel goes at the next refresh.
     store
-        .participant_heartbeat("svc", "a", &url_a, Duration::ZERO)
+        .participant_heartbeat("svc", "a", &url_a, Duration::ZERO, None)
         .await
         .unwrap();
     for _ in 0..2 {

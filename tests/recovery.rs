@@ -19,7 +19,7 @@ async fn three_idempotent_steps() -> (
     Scripted,
     saga_coordinator::config::Config,
     TestCoordinator,
-    proto::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+    Client,
 ) {
     let db = TestDb::new().await;
     let svc = Scripted::default();

@@ -2,21 +2,19 @@
 //! and a clean stop on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/bin.rs"]
+mod bin;
 #[path = "common/certs.rs"]
 mod certs;
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use bin::*;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
 
 use sqlx::{Connection, Executor};
-
-fn sagad() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sagad"));
-    c.env_remove("DATABASE_URL").env("RUST_LOG", "info");
-    c
-}
 
 #[test]
 fn an_unreachable_database_is_one_clear_line_naming_it_without_the_password() {
@@ -51,51 +49,6 @@ fn bad_flags_are_refused() {
     assert!(String::from_utf8(out.stderr)
         .unwrap()
         .contains("expected NAME=URL"));
-}
-
-/// Starts the binary with `args` (stdout and stderr piped) and reads its
-/// log until it has started: the child, the lines before, the start line,
-/// and the rest to come.
-fn spawn_started(args: &[&str]) -> (std::process::Child, Vec<String>, String, Lines) {
-    let mut child = sagad()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (before, started, rest) = until_started(&mut child);
-    (child, before, started, rest)
-}
-
-/// The lines of a child's log, as they come.
-type Lines = std::sync::mpsc::Receiver<String>;
-
-/// Reads the child's log until its "sagad started" line; returns the lines
-/// before it, that line, and the rest to come. Panics with its stderr if it
-/// does not start.
-fn until_started(child: &mut std::process::Child) -> (Vec<String>, String, Lines) {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut before = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("sagad started") => return (before, line, rx),
-            Ok(line) => before.push(line),
-            Err(e) => {
-                let _ = child.kill();
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("sagad did not start: {e}; stderr: {err}");
-            }
-        }
-    }
 }
 
 #[test]
@@ -144,26 +97,10 @@ fn insecure_allow_plaintext_starts_beyond_loopback_and_warns() {
     let warned = before.iter().any(|l| {
         l.contains("WARN")
             && l.contains(
-                "--grpc-addr 0.0.0.0:0 is beyond loopback and the gRPC API has no TLS (--tls-cert)",
+                "--grpc-addr 0.0.0.0:0 is beyond loopback and there is neither TLS (--tls-cert/--tls-key) nor authentication",
             )
     });
     assert!(warned, "{before:?}\n{started}");
-}
-
-/// Waits up to `limit` for the child to exit, without blocking the runtime
-/// (our own client connections must stay able to close).
-async fn wait_exit(
-    child: &mut std::process::Child,
-    limit: Duration,
-) -> Option<std::process::ExitStatus> {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
 }
 
 #[tokio::test]
@@ -255,39 +192,6 @@ async fn creates_its_database_serves_health_and_stops_on_sigterm() {
     )))
     .await
     .unwrap();
-}
-
-/// `key=value` from a log line.
-fn log_field(line: &str, key: &str) -> String {
-    line.split(&format!("{key}="))
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// Whether a new TLS connection trusting `ca` gets a health answer.
-async fn healthy_over_tls(addr: &str, ca: &certs::Pem) -> bool {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca.cert))
-        .domain_name("localhost");
-    let Ok(endpoint) =
-        Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(tls))
-    else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok()
 }
 
 #[tokio::test]

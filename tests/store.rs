@@ -41,7 +41,7 @@ async fn setup() -> (TestDb, PgStore, saga_coordinator::domain::Definition) {
         deadline: None,
     };
     let def = draft.validate(&Default::default()).unwrap();
-    let (def, _) = store.definition_register(def).await.unwrap();
+    let (def, _) = store.definition_register(def, None).await.unwrap();
     (db, store, def)
 }
 
@@ -63,6 +63,7 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
             definition: def.clone(),
             input: "{}".into(),
             owner: None,
+            started_by: None,
         })
         .await
         .unwrap();
@@ -182,6 +183,7 @@ async fn operator_retry_of_a_saga_being_driven_is_busy_and_release_all_is_per_ow
             definition: def.clone(),
             input: "1".into(),
             owner: Some((a, ttl)),
+            started_by: None,
         })
         .await
         .unwrap();
@@ -191,6 +193,7 @@ async fn operator_retry_of_a_saga_being_driven_is_busy_and_release_all_is_per_ow
             definition: def.clone(),
             input: "2".into(),
             owner: Some((b, ttl)),
+            started_by: None,
         })
         .await
         .unwrap();
@@ -240,6 +243,7 @@ async fn concurrent_claims_never_hand_out_the_same_saga() {
                 definition: def.clone(),
                 input: i.to_string(),
                 owner: None,
+                started_by: None,
             })
             .await
             .unwrap();
@@ -286,6 +290,7 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
                 definition: def.clone(),
                 input: i.to_string(),
                 owner: Some((owner, ttl)),
+                started_by: None,
             })
             .await
             .unwrap();
@@ -383,10 +388,10 @@ async fn lane_statements_find_sagas_by_key_whatever_the_statistics() {
         (
             "lane_create",
             CREATE_SQL,
-            "uuid[], text[], int[], text[], text[], bigint[], uuid[], bigint[], text[], text",
+            "uuid[], text[], int[], text[], text[], bigint[], uuid[], bigint[], text[], text, text[]",
             format!(
                 "{id}, '{{d}}', '{{1}}', '{{null}}', '{{\"[]\"}}', '{{NULL}}', {id}, '{{1}}', \
-                 '{{x}}', 'started'"
+                 '{{x}}', 'started', '{{ci}}'"
             ),
         ),
     ];

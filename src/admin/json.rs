@@ -4,17 +4,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{AdminState, HttpError};
+use super::{AdminState, Caller, HttpError};
 use crate::auth;
 use crate::domain::{Definition, Saga, SagaId, SagaState, ValidationError};
 use crate::ops::{self, OperatorKind, OpsError};
-use crate::store::{SagaQuery, StoredEvent};
+use crate::store::{Registered, SagaQuery, StoredEvent};
 
 /// Filters shared by the page and the API.
 pub(super) struct Filters {
@@ -98,6 +98,7 @@ impl Filters {
                 .map(|secs| ops::older_than(now, std::time::Duration::from_secs(secs))),
             limit: self.page_size,
             after: ops::decode_page_token(self.page_token.as_deref().unwrap_or(""))?,
+            started_by: None,
         })
     }
 }
@@ -125,6 +126,7 @@ pub(super) fn saga_json(s: &Saga, def: &Definition) -> Value {
         "input": json_text(Some(&s.input)),
         "created_at": s.created_at,
         "updated_at": s.updated_at,
+        "started_by": s.started_by,
         "deadline_at": s.deadline_at,
         "current_step": progress.and_then(|(i, _)| def.steps.get(i)).map(|d| d.name.clone()),
         "current_attempts": progress.map(|(_, a)| a),
@@ -141,11 +143,12 @@ pub(super) fn saga_json(s: &Saga, def: &Definition) -> Value {
     })
 }
 
-pub(super) fn definition_json(d: &Definition, created_at: chrono::DateTime<chrono::Utc>) -> Value {
+pub(super) fn definition_json(d: &Definition, registered: &Registered) -> Value {
     json!({
         "name": d.name,
         "version": d.version,
-        "created_at": created_at,
+        "created_at": registered.at,
+        "registered_by": registered.by,
         "deadline_ms": d.deadline.map(|x| x.as_millis() as u64),
         "steps": d.steps.iter().enumerate().map(|(i, s)| json!({
             "name": s.name,
@@ -243,7 +246,7 @@ pub(super) async fn definitions(State(st): State<Arc<AdminState>>) -> JsonResult
         .await
         .map_err(OpsError::from)?;
     Ok(Json(
-        json!({"definitions": defs.iter().map(|(d, at)| definition_json(d, *at)).collect::<Vec<_>>()}),
+        json!({"definitions": defs.iter().map(|(d, at)| definition_json(d, at)).collect::<Vec<_>>()}),
     ))
 }
 
@@ -256,14 +259,11 @@ pub(super) struct ActBody {
 /// POST /api/sagas/{id}/{retry|abort|resolve}, body `{"note": "…"}`.
 pub(super) async fn act(
     State(st): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Json<ActBody>, JsonRejection>,
 ) -> JsonResult {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    auth::check_admin_token(st.cfg.token.as_deref(), authorization)?;
     let kind = OperatorKind::parse(&action).ok_or_else(|| {
         HttpError::new(
             StatusCode::NOT_FOUND,
@@ -281,7 +281,7 @@ pub(super) async fn act(
             format!("body: {}", other.body_text()),
         ),
     })?;
-    let actor = auth::actor(
+    let actor = caller.principal.actor(
         headers
             .get(auth::ACTOR_HEADER)
             .and_then(|v| v.to_str().ok()),

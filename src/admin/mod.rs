@@ -1,15 +1,27 @@
 //! The admin HTTP server: a server-rendered page for people, a JSON API for
 //! scripts, `/metrics`, `/healthz` and `/readyz`.
 //!
-//! Security model: reads are open (the server listens on loopback unless an
-//! admin token is set). Actions — retry, abort, resolve — need the admin
-//! token when one is configured: as `Authorization: Bearer` for the JSON
-//! API, and through a login form that sets an HttpOnly, SameSite=Strict
-//! session cookie for the page. Every form carries a CSRF token (the
-//! session's, or a per-process secret when no token is configured), and the
-//! JSON API only accepts `application/json` bodies, so another site cannot
-//! make an operator's browser act. `sagad` refuses to start with the admin
-//! server beyond loopback and no token. All user-supplied text is escaped.
+//! Security model: with authentication configured (auth file, JWT key or
+//! admin token), every request but `/healthz`, `/readyz`, `/login` and
+//! `/logout` passes [`gate`], which finds the principal — from
+//! `Authorization: Bearer` (scripts, Prometheus) or from the session cookie
+//! set by the login form (people) — and checks its role:
+//!
+//! ```text
+//!   GET  /definitions, /api/definitions      viewer | definer | operator
+//!   GET  every other page, /api/*, /metrics  viewer | operator
+//!   POST actions (page and JSON API)         operator
+//!   no credential → 401 (the page: the login form); no role → 403
+//! ```
+//!
+//! Sessions keep the credential server-side and check it again on every
+//! request, so a reloaded auth file or an expired JWT ends them. The cookie
+//! is HttpOnly and SameSite=Strict; every form carries a CSRF token (the
+//! session's, or a per-process secret without authentication), and the JSON
+//! API only accepts `application/json` bodies, so another site cannot make
+//! an operator's browser act. Without authentication everything is open
+//! (`sagad` then listens on loopback only). All user-supplied text is
+//! escaped.
 
 mod html;
 mod json;
@@ -19,7 +31,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,7 +41,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Authenticator, Need, Principal};
 use crate::metrics::Metrics;
 use crate::ops::{Ops, OpsError};
 use crate::store::StuckRule;
@@ -42,8 +56,6 @@ const SESSIONS_MAX: usize = 10_000;
 /// Settings of the admin server.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    /// The admin token, if any.
-    pub token: Option<String>,
     /// What "stuck" means.
     pub stuck: StuckRule,
     /// Rows per page when the request asks for none.
@@ -54,11 +66,21 @@ pub struct AdminConfig {
     pub readyz_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Session {
-    actor: String,
+    /// The `authorization` value it logged in with, checked on every use.
+    credential: String,
+    /// The person's name given at login, recorded with their actions.
+    name: Option<String>,
     csrf: String,
     expires: Instant,
+}
+
+/// Who sent an admin request: put in its extensions by [`gate`].
+#[derive(Clone)]
+pub(super) struct Caller {
+    principal: Arc<Principal>,
+    session: Option<Session>,
 }
 
 /// Shared state of the admin handlers.
@@ -66,19 +88,27 @@ pub struct AdminState {
     ops: Ops,
     pool: PgPool,
     metrics: Arc<Metrics>,
+    auth: Arc<Authenticator>,
     cfg: AdminConfig,
-    /// CSRF token of forms when no admin token is configured.
+    /// CSRF token of forms when no authentication is configured.
     process_csrf: String,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
 impl AdminState {
     /// The state of an admin server.
-    pub fn new(ops: Ops, pool: PgPool, metrics: Arc<Metrics>, cfg: AdminConfig) -> Arc<Self> {
+    pub fn new(
+        ops: Ops,
+        pool: PgPool,
+        metrics: Arc<Metrics>,
+        auth: Arc<Authenticator>,
+        cfg: AdminConfig,
+    ) -> Arc<Self> {
         Arc::new(AdminState {
             ops,
             pool,
             metrics,
+            auth,
             cfg,
             process_csrf: random_token(),
             sessions: Mutex::new(HashMap::new()),
@@ -96,10 +126,41 @@ impl AdminState {
         (s.expires > Instant::now()).then_some(s)
     }
 
-    fn login(&self, actor: String) -> (String, Session) {
+    /// The caller: its `Authorization` header, else its session, else
+    /// anonymous (allowed only without authentication).
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        if let Some(v) = headers.get(header::AUTHORIZATION) {
+            let principal = self
+                .auth
+                .authenticate(Some(v.to_str().unwrap_or("?")), None)?;
+            return Ok(Caller {
+                principal,
+                session: None,
+            });
+        }
+        if let Some(s) = self.session(headers) {
+            match self.auth.authenticate(Some(&s.credential), None) {
+                Ok(principal) => {
+                    return Ok(Caller {
+                        principal,
+                        session: Some(s),
+                    })
+                }
+                // Revoked or expired since the login.
+                Err(_) => self.logout(headers),
+            }
+        }
+        Ok(Caller {
+            principal: self.auth.authenticate(None, None)?,
+            session: None,
+        })
+    }
+
+    fn login(&self, credential: String, name: Option<String>) -> (String, Session) {
         let id = random_token();
         let s = Session {
-            actor,
+            credential,
+            name,
             csrf: random_token(),
             expires: Instant::now() + SESSION_TTL,
         };
@@ -159,6 +220,7 @@ impl HttpError {
 fn ops_status(e: &OpsError) -> (StatusCode, String) {
     let code = match e {
         OpsError::Invalid(_) => StatusCode::BAD_REQUEST,
+        OpsError::Auth(a) => auth_code(a),
         OpsError::NotFound(_) => StatusCode::NOT_FOUND,
         OpsError::AlreadyExists(_) | OpsError::FailedPrecondition(_) | OpsError::Aborted(_) => {
             StatusCode::CONFLICT
@@ -187,11 +249,7 @@ impl From<OpsError> for HttpError {
 
 impl From<AuthError> for HttpError {
     fn from(e: AuthError) -> Self {
-        let code = match e {
-            AuthError::Missing => StatusCode::UNAUTHORIZED,
-            AuthError::Wrong => StatusCode::FORBIDDEN,
-        };
-        HttpError::new(code, e.to_string())
+        HttpError::new(auth_code(&e), e.to_string())
     }
 }
 
@@ -220,7 +278,56 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
+}
+
+/// 401 for no or a refused credential, 403 for a missing role.
+fn auth_code(e: &AuthError) -> StatusCode {
+    match e {
+        AuthError::Missing | AuthError::Invalid(_) => StatusCode::UNAUTHORIZED,
+        AuthError::Denied { .. } => StatusCode::FORBIDDEN,
+    }
+}
+
+/// What a request needs (see the module documentation).
+fn need_of(method: &Method, path: &str) -> Need<'static> {
+    if method == Method::POST {
+        Need::Operate
+    } else if path == "/definitions" || path == "/api/definitions" {
+        Need::ReadDefinitions
+    } else {
+        Need::ReadSagas
+    }
+}
+
+/// Authenticates every request but the probes and the login pages, and
+/// checks the role its path needs; refusals are JSON for the API and
+/// `/metrics`, pages (the login form for 401) for people.
+async fn gate(
+    axum::extract::State(st): axum::extract::State<Arc<AdminState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/login" | "/logout") {
+        return next.run(req).await;
+    }
+    let need = need_of(req.method(), path);
+    let checked = st.caller(req.headers()).and_then(|c| {
+        c.principal.require(need)?;
+        Ok(c)
+    });
+    match checked {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) if path.starts_with("/api/") || path == "/metrics" => {
+            HttpError::from(e).into_response()
+        }
+        Err(e) => pages::refused(&st, req.headers(), req.uri(), e),
+    }
 }
 
 async fn metrics(

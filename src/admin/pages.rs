@@ -5,21 +5,44 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Extension, Form, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::html::{age, esc, page, state_class, url};
 use super::json::{parse_id, Filters};
-use super::{ops_status, AdminState, SESSION_COOKIE, SESSION_TTL};
-use crate::auth::{self, token_eq};
+use super::{ops_status, AdminState, Caller, SESSION_COOKIE, SESSION_TTL};
+use crate::auth::{self, token_eq, AuthError, Need};
 use crate::domain::{Definition, Saga, SagaState};
 use crate::ops::OperatorKind;
 use crate::ops::OpsError;
+use crate::store::Registered;
 
 fn logged_in(st: &AdminState, headers: &HeaderMap) -> Option<bool> {
-    st.cfg.token.as_ref().map(|_| st.session(headers).is_some())
+    st.auth.enabled().then(|| st.session(headers).is_some())
+}
+
+/// The page for a refused request: the login form (401) when there is no
+/// accepted credential, an error page (403) when the role is missing.
+pub(super) fn refused(st: &AdminState, headers: &HeaderMap, uri: &Uri, e: AuthError) -> Response {
+    match e {
+        AuthError::Denied { .. } => error_page(st, headers, StatusCode::FORBIDDEN, &e.to_string()),
+        AuthError::Missing => {
+            let next = safe_next(uri.path_and_query().map(|p| p.as_str()));
+            login_page(st, headers, StatusCode::UNAUTHORIZED, &next, None)
+        }
+        AuthError::Invalid(_) => {
+            let next = safe_next(uri.path_and_query().map(|p| p.as_str()));
+            login_page(
+                st,
+                headers,
+                StatusCode::UNAUTHORIZED,
+                &next,
+                Some(&e.to_string()),
+            )
+        }
+    }
 }
 
 fn error_page(st: &AdminState, headers: &HeaderMap, status: StatusCode, msg: &str) -> Response {
@@ -196,11 +219,12 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
 /// GET /sagas/{id}: input, steps, history, actions.
 pub(super) async fn saga(
     State(st): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    match saga_body(&st, &headers, &id, &p).await {
+    match saga_body(&st, &caller, &id, &p).await {
         Ok(body) => {
             Html(page(&format!("Saga {id}"), logged_in(&st, &headers), &body)).into_response()
         }
@@ -210,7 +234,7 @@ pub(super) async fn saga(
 
 async fn saga_body(
     st: &AdminState,
-    headers: &HeaderMap,
+    caller: &Caller,
     id: &str,
     p: &HashMap<String, String>,
 ) -> Result<String, OpsError> {
@@ -240,7 +264,7 @@ async fn saga_body(
         body,
         "<h1>Saga <code>{id}</code></h1><table><tr><th>Definition</th><td><a href=/definitions#{d}>{d}@{v}</a></td></tr>\
          <tr><th>State</th><td class={cls} id=saga-state>{state}</td></tr><tr><th>Why</th><td id=saga-error>{err}</td></tr>\
-         <tr><th>Started</th><td>{created} ({age} ago)</td></tr><tr><th>Last progress</th><td>{updated} ({idle} ago)</td></tr>\
+         <tr><th>Started</th><td>{created} ({age} ago)</td></tr><tr><th>Started by</th><td id=started-by>{by}</td></tr><tr><th>Last progress</th><td>{updated} ({idle} ago)</td></tr>\
          <tr><th>Deadline</th><td>{deadline}</td></tr><tr><th>Input</th><td><pre id=saga-input>{input}</pre></td></tr></table>",
         d = esc(&s.definition),
         v = s.version,
@@ -249,6 +273,7 @@ async fn saga_body(
         err = esc(s.error.as_deref().unwrap_or("")),
         created = s.created_at.to_rfc3339(),
         age = age(s.created_at, now),
+        by = esc(s.started_by.as_deref().unwrap_or("— (no authentication)")),
         updated = s.updated_at.to_rfc3339(),
         idle = age(s.updated_at, now),
         deadline = s.deadline_at.map(|d| d.to_rfc3339()).unwrap_or_else(|| "none".into()),
@@ -273,7 +298,7 @@ async fn saga_body(
         );
     }
     body.push_str("</table>");
-    body.push_str(&actions(st, headers, s));
+    body.push_str(&actions(st, caller, s));
     let events = st.ops.store.saga_events(id).await?;
     body.push_str("<h2>History</h2><ol class=timeline id=history>");
     for e in &events {
@@ -299,14 +324,20 @@ async fn saga_body(
 }
 
 /// The action forms, for the actions that apply to the saga's state.
-fn actions(st: &AdminState, headers: &HeaderMap, s: &Saga) -> String {
+fn actions(st: &AdminState, caller: &Caller, s: &Saga) -> String {
     if s.state.is_terminal() {
         return String::new();
     }
-    let csrf = match (&st.cfg.token, st.session(headers)) {
-        (None, _) => st.process_csrf.clone(),
-        (Some(_), Some(session)) => session.csrf,
-        (Some(_), None) => {
+    let csrf = match (st.auth.enabled(), &caller.session) {
+        (false, _) => st.process_csrf.clone(),
+        (true, Some(_)) if !caller.principal.may(Need::Operate) => {
+            return format!(
+                "<h2>Actions</h2><p id=no-actions>{} cannot retry, abort or resolve: that needs role operator.</p>",
+                esc(&caller.principal.name)
+            )
+        }
+        (true, Some(session)) => session.csrf.clone(),
+        (true, None) => {
             return format!("<h2>Actions</h2><p><a id=login-to-act href='/login?next=/sagas/{}'>Log in</a> to retry, abort or resolve.</p>", s.id)
         }
     };
@@ -366,10 +397,26 @@ pub(super) struct ActForm {
 /// with the result.
 pub(super) async fn act(
     State(st): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(id): Path<String>,
     form: Result<Form<ActForm>, FormRejection>,
 ) -> Response {
+    let (actor, csrf) = match (st.auth.enabled(), &caller.session) {
+        (false, _) => ("web".to_owned(), st.process_csrf.clone()),
+        (true, Some(s)) => (
+            caller.principal.actor(s.name.as_deref(), "web"),
+            s.csrf.clone(),
+        ),
+        (true, None) => {
+            return error_page(
+                &st,
+                &headers,
+                StatusCode::FORBIDDEN,
+                "the page's forms need a login session; scripts use the JSON API",
+            )
+        }
+    };
     let Ok(Form(f)) = form else {
         return error_page(
             &st,
@@ -377,18 +424,6 @@ pub(super) async fn act(
             StatusCode::BAD_REQUEST,
             "the form is incomplete",
         );
-    };
-    let (actor, csrf) = match (&st.cfg.token, st.session(&headers)) {
-        (None, _) => ("web".to_owned(), st.process_csrf.clone()),
-        (Some(_), Some(s)) => (s.actor, s.csrf),
-        (Some(_), None) => {
-            return error_page(
-                &st,
-                &headers,
-                StatusCode::UNAUTHORIZED,
-                "log in to act on sagas",
-            )
-        }
     };
     if !token_eq(&f.csrf, &csrf) {
         return error_page(
@@ -443,18 +478,23 @@ pub(super) async fn definitions(State(st): State<Arc<AdminState>>, headers: Head
         body.push_str("<p class=muted>None registered yet.</p>");
     }
     for (d, at) in defs.iter().rev() {
-        body.push_str(&definition_section(d, *at));
+        body.push_str(&definition_section(d, at));
     }
     Html(page("Definitions", logged_in(&st, &headers), &body)).into_response()
 }
 
-fn definition_section(d: &Definition, at: chrono::DateTime<chrono::Utc>) -> String {
+fn definition_section(d: &Definition, at: &Registered) -> String {
     let mut out = format!(
-        "<h2 id={n}>{n}@{v}</h2><p class=muted>registered {at}; deadline {dl}</p><table><tr><th>Step</th><th>Kind</th>\
+        "<h2 id={n}>{n}@{v}</h2><p class=muted>registered {at}{by}; deadline {dl}</p><table><tr><th>Step</th><th>Kind</th>\
          <th>Participant</th><th>Action</th><th>Compensation</th><th>Idempotent</th><th>Timeout</th><th>Retry</th></tr>",
         n = esc(&d.name),
         v = d.version,
-        at = at.to_rfc3339(),
+        at = at.at.to_rfc3339(),
+        by = at
+            .by
+            .as_deref()
+            .map(|b| format!(" by {}", esc(b)))
+            .unwrap_or_default(),
         dl = d.deadline.map(|x| format!("{x:?}")).unwrap_or_else(|| "none".into()),
     );
     for (i, s) in d.steps.iter().enumerate() {
@@ -508,14 +548,15 @@ fn login_page(
     next: &str,
     error: Option<&str>,
 ) -> Response {
-    if st.cfg.token.is_none() {
-        let body = "<p>No admin token is configured: actions need no login (the admin server only listens on loopback).</p>";
+    if !st.auth.enabled() {
+        let body = "<p>No authentication is configured: nothing needs a login (the admin server only listens on loopback).</p>";
         return (status, Html(page("Log in", None, body))).into_response();
     }
     let body = format!(
         "<h1>Log in</h1>{}<form method=post action=/login><input type=hidden name=next value='{}'>\
-         <p>Your name (recorded with your actions) <input name=name id=name required size=24></p>\
-         <p>Admin token <input type=password name=token id=token required size=40></p><button id=login-button>Log in</button></form>",
+         <p>Token (from the auth file, a JWT, or the admin token) <input type=password name=token id=token required size=40></p>\
+         <p>Your name, recorded with your actions (optional) <input name=name id=name size=24></p>\
+         <button id=login-button>Log in</button></form>",
         error.map(|e| format!("<div class='flash error'>{}</div>", esc(e))).unwrap_or_default(),
         esc(next),
     );
@@ -548,29 +589,20 @@ pub(super) async fn login(
         );
     };
     let next = safe_next(Some(&f.next));
-    let Some(token) = &st.cfg.token else {
+    if !st.auth.enabled() {
         return Redirect::to(&next).into_response();
-    };
-    let name = auth::actor(Some(&f.name), "");
-    if name.is_empty() {
-        return login_page(
-            &st,
-            &headers,
-            StatusCode::BAD_REQUEST,
-            &next,
-            Some("say who you are"),
-        );
     }
-    if !token_eq(&f.token, token) {
+    let credential = format!("Bearer {}", f.token.trim());
+    if let Err(e) = st.auth.authenticate(Some(&credential), None) {
         return login_page(
             &st,
             &headers,
             StatusCode::UNAUTHORIZED,
             &next,
-            Some("wrong token"),
+            Some(&e.to_string()),
         );
     }
-    let (id, _) = st.login(format!("web:{name}"));
+    let (id, _) = st.login(credential, auth::clean_name(&f.name));
     let cookie = format!(
         "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         SESSION_TTL.as_secs()

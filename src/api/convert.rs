@@ -10,7 +10,7 @@ use crate::domain::{
     ValidationError,
 };
 use crate::proto;
-use crate::store::StoredEvent;
+use crate::store::{Registered, StoredEvent};
 
 /// A proto duration as a std one; negative or malformed is an error naming
 /// `field`.
@@ -96,7 +96,7 @@ fn retry_out(r: &RetryPolicy) -> proto::RetryPolicy {
 }
 
 /// A stored definition as a proto one.
-pub fn definition_out(d: &Definition, created_at: Option<DateTime<Utc>>) -> proto::SagaDefinition {
+pub fn definition_out(d: &Definition, registered: Option<&Registered>) -> proto::SagaDefinition {
     proto::SagaDefinition {
         name: d.name.clone(),
         version: d.version,
@@ -115,7 +115,8 @@ pub fn definition_out(d: &Definition, created_at: Option<DateTime<Utc>>) -> prot
             })
             .collect(),
         deadline: d.deadline.map(duration_out),
-        created_at: created_at.map(timestamp_out),
+        created_at: registered.map(|r| timestamp_out(r.at)),
+        registered_by: registered.and_then(|r| r.by.clone()).unwrap_or_default(),
     }
 }
 
@@ -182,6 +183,7 @@ pub fn saga_out(s: &Saga, def: &Definition) -> proto::Saga {
         error: s.error.clone().unwrap_or_default(),
         created_at: Some(timestamp_out(s.created_at)),
         updated_at: Some(timestamp_out(s.updated_at)),
+        started_by: s.started_by.clone().unwrap_or_default(),
     }
 }
 

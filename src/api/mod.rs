@@ -1,8 +1,23 @@
 //! `saga.v1.CoordinatorService`: the public gRPC API.
 //!
-//! Handlers validate, call the store or the worker, and convert. The work is
-//! in methods returning [`OpsError`]; each RPC maps it to a status once
-//! (`status.rs`). Nothing is written before every input check has passed.
+//! Handlers authenticate the caller and check its role first, then
+//! validate, call the store or the worker, and convert. The work is in
+//! methods returning [`OpsError`]; each RPC maps it (and [`AuthError`]) to a
+//! status once (`status.rs`). Nothing is written before every check has
+//! passed.
+//!
+//! | RPC | needs |
+//! |---|---|
+//! | GetDefinition, ListDefinitions | viewer, definer or operator |
+//! | GetSaga, WaitSaga, GetSagaEvents | viewer or operator; a client for the sagas it started |
+//! | ListSagas | viewer or operator; a client sees the sagas it started |
+//! | StartSaga | client |
+//! | RegisterDefinition | definer |
+//! | RetrySaga, AbortSaga, ResolveSaga | operator |
+//! | Heartbeat | participant:<that participant> |
+//!
+//! `admin` may do everything; with no authentication configured everyone
+//! may (loopback only).
 
 pub mod convert;
 pub mod status;
@@ -15,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::auth;
+use crate::auth::{self, AuthError, Authenticator, Need, Principal};
 use crate::domain::{check_name, Defaults, Definition, SagaId, ValidationError};
 use crate::metrics::Metrics;
 use crate::ops::{self, OperatorKind, Ops, OpsError};
@@ -46,8 +61,6 @@ pub struct ApiConfig {
     pub stuck: StuckRule,
     /// Heartbeat TTL when unset.
     pub heartbeat_ttl_default: Duration,
-    /// When set, operator RPCs need it as a bearer token.
-    pub admin_token: Option<String>,
     /// Heartbeats must name `https://` endpoints.
     pub require_participant_tls: bool,
 }
@@ -60,6 +73,7 @@ pub struct CoordinatorApi {
     metrics: Arc<Metrics>,
     settled: broadcast::Sender<Uuid>,
     stop: CancellationToken,
+    auth: Arc<Authenticator>,
     cfg: ApiConfig,
 }
 
@@ -73,6 +87,7 @@ impl CoordinatorApi {
         metrics: Arc<Metrics>,
         settled: broadcast::Sender<Uuid>,
         stop: CancellationToken,
+        auth: Arc<Authenticator>,
         cfg: ApiConfig,
     ) -> Self {
         CoordinatorApi {
@@ -82,6 +97,7 @@ impl CoordinatorApi {
             metrics,
             settled,
             stop,
+            auth,
             cfg,
         }
     }
@@ -90,14 +106,34 @@ impl CoordinatorApi {
         self.ops.definition(name, version).await
     }
 
-    /// With an admin token configured, operator RPCs need
-    /// `authorization: Bearer <token>`.
-    fn check_token<T>(&self, r: &Request<T>) -> Result<(), Status> {
+    /// The caller: its bearer credential, else its client certificate.
+    fn caller<T>(&self, r: &Request<T>) -> Result<Arc<Principal>, AuthError> {
         let given = r
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        auth::check_admin_token(self.cfg.admin_token.as_deref(), given).map_err(status::auth_status)
+            .map(|v| v.to_str().unwrap_or("?"));
+        let subject = r
+            .extensions()
+            .get::<crate::tls::TlsConnectInfo>()
+            .and_then(|i| i.peer_subject.as_deref());
+        self.auth.authenticate(given, subject)
+    }
+
+    /// The caller, if it may do what `need` names.
+    fn allowed<T>(&self, r: &Request<T>, need: Need<'_>) -> Result<Arc<Principal>, Status> {
+        let who = self.caller(r)?;
+        who.require(need)?;
+        Ok(who)
+    }
+
+    /// May `who` read saga `id`? Readers may; a client only its own.
+    async fn check_read(&self, who: &Principal, id: SagaId) -> Result<(), OpsError> {
+        if who.may(Need::ReadSagas) {
+            return Ok(());
+        }
+        let rec = self.record(id).await?;
+        who.require(Need::ReadSaga(rec.saga.started_by.as_deref()))
+            .map_err(OpsError::from)
     }
 
     async fn saga_out(&self, saga: &crate::domain::Saga) -> Result<proto::Saga, OpsError> {
@@ -112,6 +148,7 @@ impl CoordinatorApi {
     async fn start(
         &self,
         r: proto::StartSagaRequest,
+        who: &Principal,
     ) -> Result<proto::StartSagaResponse, OpsError> {
         check_name("definition", &r.definition, false)?;
         let id = if r.saga_id.is_empty() {
@@ -140,6 +177,7 @@ impl CoordinatorApi {
                 definition: (*def).clone(),
                 input: input.clone(),
                 owner,
+                started_by: who.audit_name().map(str::to_owned),
             })
             .await?;
         match created {
@@ -239,7 +277,14 @@ impl CoordinatorApi {
         }
     }
 
-    async fn list(&self, r: proto::ListSagasRequest) -> Result<proto::ListSagasResponse, OpsError> {
+    async fn list(
+        &self,
+        r: proto::ListSagasRequest,
+        who: &Principal,
+    ) -> Result<proto::ListSagasResponse, OpsError> {
+        if !who.reads_own_only() {
+            who.require(Need::ReadSagas)?;
+        }
         let states = r
             .states
             .iter()
@@ -261,6 +306,7 @@ impl CoordinatorApi {
                 .map(|age| ops::older_than(self.worker.db_now(), age)),
             limit,
             after: ops::decode_page_token(&r.page_token)?,
+            started_by: who.reads_own_only().then(|| who.name.clone()),
         };
         let page = self.store.saga_list(&query).await?;
         let mut sagas = Vec::with_capacity(page.sagas.len());
@@ -287,8 +333,9 @@ impl CoordinatorApi {
         Ok(convert::saga_out(&saga, &def))
     }
 
-    async fn heartbeat(&self, r: proto::HeartbeatRequest) -> Result<(), OpsError> {
+    async fn heartbeat(&self, r: proto::HeartbeatRequest, who: &Principal) -> Result<(), OpsError> {
         check_name("participant", &r.participant, false)?;
+        who.require(Need::Heartbeat(&r.participant))?;
         if r.instance_id.is_empty() || r.instance_id.len() > 128 {
             return Err(ValidationError::new("instance_id", "must be 1 to 128 bytes").into());
         }
@@ -308,8 +355,18 @@ impl CoordinatorApi {
             .into());
         }
         self.store
-            .participant_heartbeat(&r.participant, &r.instance_id, &r.endpoint, ttl)
+            .participant_heartbeat(
+                &r.participant,
+                &r.instance_id,
+                &r.endpoint,
+                ttl,
+                who.audit_name(),
+            )
             .await?;
+        if ttl.is_zero() {
+            tracing::info!(participant = %r.participant, instance = %r.instance_id,
+                by = %who.name, "participant instance withdrawn");
+        }
         Ok(())
     }
 }
@@ -337,13 +394,14 @@ fn json_eq(a: &str, b: &str) -> bool {
     }
 }
 
-/// Who performs an operator action: the actor metadata, if any.
-fn actor<T>(r: &Request<T>) -> String {
-    let raw = r
+/// Who an operator action is recorded as: the principal, with the person
+/// named in the actor metadata, if any.
+fn actor<T>(r: &Request<T>, who: &Principal) -> String {
+    let named = r
         .metadata()
         .get(auth::ACTOR_HEADER)
         .and_then(|v| v.to_str().ok());
-    auth::actor(raw, "grpc")
+    who.actor(named, "grpc")
 }
 
 #[tonic::async_trait]
@@ -352,18 +410,22 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::RegisterDefinitionRequest>,
     ) -> Rpc<proto::RegisterDefinitionResponse> {
+        let who = self.allowed(&r, Need::Define)?;
         let run = async {
             let draft = convert::definition_in(r.into_inner().definition)?;
             let def = draft.validate(&self.cfg.defaults)?;
-            let (def, created) = self.store.definition_register(def).await?;
+            let (def, created) = self
+                .store
+                .definition_register(def, who.audit_name())
+                .await?;
             self.ops.remember_latest(Arc::new(def.clone()));
-            let (_, created_at) = self
+            let (_, registered) = self
                 .store
                 .definition_get(&def.name, Some(def.version))
                 .await?
                 .ok_or_else(|| OpsError::NotFound("definition vanished".into()))?;
             Ok::<_, OpsError>(proto::RegisterDefinitionResponse {
-                definition: Some(convert::definition_out(&def, Some(created_at))),
+                definition: Some(convert::definition_out(&def, Some(&registered))),
                 created,
             })
         };
@@ -374,6 +436,7 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::GetDefinitionRequest>,
     ) -> Rpc<proto::GetDefinitionResponse> {
+        self.allowed(&r, Need::ReadDefinitions)?;
         let r = r.into_inner();
         let run = async {
             check_name("name", &r.name, false)?;
@@ -389,7 +452,7 @@ impl CoordinatorService for CoordinatorApi {
                     ))
                 })?;
             Ok::<_, OpsError>(proto::GetDefinitionResponse {
-                definition: Some(convert::definition_out(&def, Some(at))),
+                definition: Some(convert::definition_out(&def, Some(&at))),
             })
         };
         Ok(Response::new(run.await?))
@@ -397,13 +460,14 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn list_definitions(
         &self,
-        _r: Request<proto::ListDefinitionsRequest>,
+        r: Request<proto::ListDefinitionsRequest>,
     ) -> Rpc<proto::ListDefinitionsResponse> {
+        self.allowed(&r, Need::ReadDefinitions)?;
         let defs = self.store.definition_list().await.map_err(OpsError::from)?;
         Ok(Response::new(proto::ListDefinitionsResponse {
             definitions: defs
                 .iter()
-                .map(|(d, at)| convert::definition_out(d, Some(*at)))
+                .map(|(d, at)| convert::definition_out(d, Some(at)))
                 .collect(),
         }))
     }
@@ -412,14 +476,17 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::StartSagaRequest>,
     ) -> Rpc<proto::StartSagaResponse> {
-        Ok(Response::new(self.start(r.into_inner()).await?))
+        let who = self.allowed(&r, Need::Start)?;
+        Ok(Response::new(self.start(r.into_inner(), &who).await?))
     }
 
     async fn get_saga(&self, r: Request<proto::GetSagaRequest>) -> Rpc<proto::GetSagaResponse> {
+        let who = self.caller(&r)?;
         let run = async {
             let rec = self
                 .record(SagaId::parse("saga_id", &r.get_ref().saga_id)?)
                 .await?;
+            who.require(Need::ReadSaga(rec.saga.started_by.as_deref()))?;
             Ok::<_, OpsError>(proto::GetSagaResponse {
                 saga: Some(self.saga_out(&rec.saga).await?),
             })
@@ -428,8 +495,15 @@ impl CoordinatorService for CoordinatorApi {
     }
 
     async fn wait_saga(&self, r: Request<proto::WaitSagaRequest>) -> Rpc<proto::WaitSagaResponse> {
+        let who = self.caller(&r)?;
+        let r = r.into_inner();
+        let run = async {
+            self.check_read(&who, SagaId::parse("saga_id", &r.saga_id)?)
+                .await?;
+            self.wait(r).await
+        };
         Ok(Response::new(proto::WaitSagaResponse {
-            saga: Some(self.wait(r.into_inner()).await?),
+            saga: Some(run.await?),
         }))
     }
 
@@ -437,16 +511,19 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::ListSagasRequest>,
     ) -> Rpc<proto::ListSagasResponse> {
-        Ok(Response::new(self.list(r.into_inner()).await?))
+        let who = self.caller(&r)?;
+        Ok(Response::new(self.list(r.into_inner(), &who).await?))
     }
 
     async fn get_saga_events(
         &self,
         r: Request<proto::GetSagaEventsRequest>,
     ) -> Rpc<proto::GetSagaEventsResponse> {
+        let who = self.caller(&r)?;
         let run = async {
             let id = SagaId::parse("saga_id", &r.get_ref().saga_id)?;
-            self.record(id).await?;
+            let rec = self.record(id).await?;
+            who.require(Need::ReadSaga(rec.saga.started_by.as_deref()))?;
             let events = self.store.saga_events(id).await?;
             Ok::<_, OpsError>(proto::GetSagaEventsResponse {
                 events: events.iter().map(convert::event_out).collect(),
@@ -459,11 +536,11 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::RetrySagaRequest>,
     ) -> Rpc<proto::RetrySagaResponse> {
-        self.check_token(&r)?;
-        let who = actor(&r);
+        let who = self.allowed(&r, Need::Operate)?;
+        let actor = actor(&r, &who);
         let r = r.into_inner();
         let saga = self
-            .operator(&r.saga_id, &r.note, who, OperatorKind::Retry)
+            .operator(&r.saga_id, &r.note, actor, OperatorKind::Retry)
             .await?;
         Ok(Response::new(proto::RetrySagaResponse { saga: Some(saga) }))
     }
@@ -472,11 +549,11 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::AbortSagaRequest>,
     ) -> Rpc<proto::AbortSagaResponse> {
-        self.check_token(&r)?;
-        let who = actor(&r);
+        let who = self.allowed(&r, Need::Operate)?;
+        let actor = actor(&r, &who);
         let r = r.into_inner();
         let saga = self
-            .operator(&r.saga_id, &r.note, who, OperatorKind::Abort)
+            .operator(&r.saga_id, &r.note, actor, OperatorKind::Abort)
             .await?;
         Ok(Response::new(proto::AbortSagaResponse { saga: Some(saga) }))
     }
@@ -485,11 +562,11 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::ResolveSagaRequest>,
     ) -> Rpc<proto::ResolveSagaResponse> {
-        self.check_token(&r)?;
-        let who = actor(&r);
+        let who = self.allowed(&r, Need::Operate)?;
+        let actor = actor(&r, &who);
         let r = r.into_inner();
         let saga = self
-            .operator(&r.saga_id, &r.note, who, OperatorKind::Resolve)
+            .operator(&r.saga_id, &r.note, actor, OperatorKind::Resolve)
             .await?;
         Ok(Response::new(proto::ResolveSagaResponse {
             saga: Some(saga),
@@ -500,7 +577,8 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         r: Request<proto::HeartbeatRequest>,
     ) -> Rpc<proto::HeartbeatResponse> {
-        self.heartbeat(r.into_inner()).await?;
+        let who = self.caller(&r)?;
+        self.heartbeat(r.into_inner(), &who).await?;
         Ok(Response::new(proto::HeartbeatResponse {}))
     }
 }

@@ -15,6 +15,7 @@ impl From<OpsError> for Status {
     fn from(e: OpsError) -> Status {
         match e {
             OpsError::Invalid(v) => Status::invalid_argument(v.to_string()),
+            OpsError::Auth(a) => a.into(),
             OpsError::NotFound(m) => Status::not_found(m),
             OpsError::AlreadyExists(m) => Status::already_exists(m),
             OpsError::FailedPrecondition(m) => Status::failed_precondition(m),
@@ -31,10 +32,13 @@ impl From<OpsError> for Status {
     }
 }
 
-/// The status for refused credentials.
-pub fn auth_status(e: AuthError) -> Status {
-    match e {
-        AuthError::Missing => Status::unauthenticated(e.to_string()),
-        AuthError::Wrong => Status::permission_denied(e.to_string()),
+/// The status for refused credentials: none or not accepted is
+/// UNAUTHENTICATED, a known principal without the role PERMISSION_DENIED.
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        match e {
+            AuthError::Missing | AuthError::Invalid(_) => Status::unauthenticated(e.to_string()),
+            AuthError::Denied { .. } => Status::permission_denied(e.to_string()),
+        }
     }
 }

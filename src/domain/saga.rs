@@ -141,6 +141,8 @@ pub struct Saga {
     pub created_at: DateTime<Utc>,
     /// When it last changed (database clock).
     pub updated_at: DateTime<Utc>,
+    /// The principal that started it (none without authentication).
+    pub started_by: Option<String>,
 }
 
 impl Saga {
@@ -167,6 +169,7 @@ impl Saga {
             deadline_at,
             created_at: now,
             updated_at: now,
+            started_by: None,
         }
     }
 }

@@ -78,6 +78,17 @@ pub struct NewSaga {
     /// Take the lease at once (the creating coordinator drives it), or leave
     /// it due for any coordinator.
     pub owner: Option<(OwnerId, Duration)>,
+    /// The principal starting it (audit).
+    pub started_by: Option<String>,
+}
+
+/// When and by whom a definition version was registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// When (database clock).
+    pub at: DateTime<Utc>,
+    /// The principal (none without authentication).
+    pub by: Option<String>,
 }
 
 /// What `saga_create` found.
@@ -104,6 +115,8 @@ pub struct SagaQuery {
     pub limit: u32,
     /// Keyset cursor: the last row of the previous page.
     pub after: Option<(DateTime<Utc>, Uuid)>,
+    /// Only sagas this principal started (a client's own listing).
+    pub started_by: Option<String>,
 }
 
 /// "Stuck" (DESIGN.md): SUSPENDED, or not settled and no progress for
@@ -195,15 +208,20 @@ pub enum StoreError {
 pub trait SagaStore: Send + Sync + 'static {
     /// Stores `def` as the next version unless the latest version has the
     /// same content; returns the stored definition and whether it was new.
-    async fn definition_register(&self, def: Definition) -> Result<(Definition, bool), StoreError>;
+    /// `by` is the registering principal.
+    async fn definition_register(
+        &self,
+        def: Definition,
+        by: Option<&str>,
+    ) -> Result<(Definition, bool), StoreError>;
     /// A definition by name and version (`None` = latest).
     async fn definition_get(
         &self,
         name: &str,
         version: Option<u32>,
-    ) -> Result<Option<(Definition, DateTime<Utc>)>, StoreError>;
+    ) -> Result<Option<(Definition, Registered)>, StoreError>;
     /// Every version of every definition, by name then version.
-    async fn definition_list(&self) -> Result<Vec<(Definition, DateTime<Utc>)>, StoreError>;
+    async fn definition_list(&self) -> Result<Vec<(Definition, Registered)>, StoreError>;
 
     /// Inserts a saga with its `started` event, or finds the existing one.
     async fn saga_create(&self, new: NewSaga) -> Result<Created, StoreError>;
@@ -258,13 +276,15 @@ pub trait SagaStore: Send + Sync + 'static {
     /// not written is lost). Returns how many.
     async fn lease_release_all(&self, owner: OwnerId) -> Result<u64, StoreError>;
 
-    /// Records that a participant instance is alive for `ttl`.
+    /// Records that a participant instance is alive for `ttl` (a zero `ttl`
+    /// withdraws it); `by` is the principal that said so.
     async fn participant_heartbeat(
         &self,
         participant: &str,
         instance_id: &str,
         endpoint: &str,
         ttl: Duration,
+        by: Option<&str>,
     ) -> Result<(), StoreError>;
     /// Endpoints of the live instances of a participant.
     async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError>;

@@ -17,8 +17,31 @@ use saga_coordinator::proto::participant_service_server::{
 };
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::{oneshot, watch};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+
+/// A gRPC client that sends a bearer token with every call (or none).
+pub type Client = CoordinatorServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A client on `channel` sending `token`.
+pub fn client_on(channel: Channel, token: Option<&str>) -> Client {
+    let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+    CoordinatorServiceClient::with_interceptor(channel, bearer)
+}
 
 /// Where the tests find PostgreSQL: `DATABASE_URL`, else the local default.
 pub fn admin_url() -> String {
@@ -110,6 +133,9 @@ pub struct TestCoordinator {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub owner: uuid::Uuid,
+    /// The admin token it was started with; [`TestCoordinator::client`]
+    /// sends it.
+    pub token: Option<String>,
     cmd: Option<std::sync::mpsc::Sender<Command>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -149,6 +175,7 @@ pub fn init_logs() {
 impl TestCoordinator {
     pub async fn start(cfg: Config) -> TestCoordinator {
         init_logs();
+        let token = cfg.admin_token.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<Command>();
         let thread = std::thread::spawn(move || {
@@ -186,15 +213,25 @@ impl TestCoordinator {
             addr,
             admin,
             owner,
+            token,
             cmd: Some(cmd_tx),
             thread: Some(thread),
         }
     }
 
-    pub async fn client(&self) -> CoordinatorServiceClient<Channel> {
-        CoordinatorServiceClient::connect(format!("http://{}", self.addr))
-            .await
+    /// A client sending the admin token, if the coordinator has one.
+    pub async fn client(&self) -> Client {
+        self.client_with(self.token.as_deref()).await
+    }
+
+    /// A client sending `token` (`authorization: Bearer`), or nothing.
+    pub async fn client_with(&self, token: Option<&str>) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        client_on(channel, token)
     }
 
     /// Graceful shutdown (as on SIGTERM).
@@ -450,10 +487,7 @@ pub fn ms(n: u64) -> prost_types::Duration {
     }
 }
 
-pub async fn register(
-    c: &mut CoordinatorServiceClient<Channel>,
-    def: proto::SagaDefinition,
-) -> proto::SagaDefinition {
+pub async fn register(c: &mut Client, def: proto::SagaDefinition) -> proto::SagaDefinition {
     c.register_definition(proto::RegisterDefinitionRequest {
         definition: Some(def),
     })
@@ -464,11 +498,7 @@ pub async fn register(
     .unwrap()
 }
 
-pub async fn start(
-    c: &mut CoordinatorServiceClient<Channel>,
-    def: &str,
-    input: &str,
-) -> proto::Saga {
+pub async fn start(c: &mut Client, def: &str, input: &str) -> proto::Saga {
     c.start_saga(proto::StartSagaRequest {
         definition: def.into(),
         input_json: input.into(),
@@ -482,7 +512,7 @@ pub async fn start(
 }
 
 /// Waits (server side, WaitSaga) until the saga settles; panics after 30 s.
-pub async fn wait(c: &mut CoordinatorServiceClient<Channel>, id: &str) -> proto::Saga {
+pub async fn wait(c: &mut Client, id: &str) -> proto::Saga {
     let saga = c
         .wait_saga(proto::WaitSagaRequest {
             saga_id: id.into(),
@@ -500,7 +530,7 @@ pub async fn wait(c: &mut CoordinatorServiceClient<Channel>, id: &str) -> proto:
     saga
 }
 
-pub async fn events(c: &mut CoordinatorServiceClient<Channel>, id: &str) -> Vec<proto::SagaEvent> {
+pub async fn events(c: &mut Client, id: &str) -> Vec<proto::SagaEvent> {
     c.get_saga_events(proto::GetSagaEventsRequest { saga_id: id.into() })
         .await
         .unwrap()
@@ -552,8 +582,23 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> HttpResponse {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    http_on(s, addr, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request over `s` (plain TCP or TLS).
+pub async fn http_on<S>(
+    mut s: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()

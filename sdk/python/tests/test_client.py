@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -109,15 +111,25 @@ async def test_an_unreachable_coordinator_is_unavailable() -> None:
             await c.get(uuid.uuid4())
 
 
-async def test_the_admin_token_travels_with_operator_calls(database: str) -> None:
+async def test_credentials_travel_with_every_call(database: str, tmp_path: pathlib.Path) -> None:
     token = "python-sdk-token-0123"
-    with run_sagad(database, "--admin-token", token) as sagad:
+    viewer = "python-viewer-token-0123"
+    auth = tmp_path / "auth.yaml"
+    digest = hashlib.sha256(viewer.encode()).hexdigest()
+    auth.write_text(f"principals:\n  - {{name: dash, token_sha256: {digest}, roles: [viewer]}}\n")
+    with run_sagad(database, "--admin-token", token, "--auth-file", str(auth)) as sagad:
         async with Client(sagad.url) as anonymous, Client(sagad.url, token=token, actor="ops") as ops:
-            # Unknown saga: the token is checked first.
+            # Unknown saga: the credential is checked first.
             with pytest.raises(Unauthenticated):
                 await anonymous.resolve(uuid.uuid4(), "x")
+            with pytest.raises(Unauthenticated):
+                await anonymous.list()
             async with Client(sagad.url, token="wrong-token-wrong") as wrong:
-                with pytest.raises(PermissionDenied):
+                with pytest.raises(Unauthenticated):
                     await wrong.resolve(uuid.uuid4(), "x")
+            async with Client(sagad.url, token=viewer) as dash:
+                await dash.list()
+                with pytest.raises(PermissionDenied, match="needs role operator"):
+                    await dash.resolve(uuid.uuid4(), "x")
             with pytest.raises(NotFound):
                 await ops.resolve(uuid.uuid4(), "x")

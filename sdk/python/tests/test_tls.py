@@ -132,6 +132,7 @@ async def test_the_client_runs_a_saga_over_tls_with_a_token(
             started = await client.start("echo", {"x": 1})
             saga = await client.wait(started.saga.id, timeout=20)
             assert saga.state is SagaState.COMPLETED
+            assert saga.started_by == "admin", "the principal is recorded"
             with pytest.raises(NotFound):
                 await client.resolve(uuid.uuid4(), "the token is accepted")
             await reg.stop()

@@ -228,6 +228,9 @@ pub struct Saga {
     pub created_at: Option<SystemTime>,
     /// Last changed.
     pub updated_at: Option<SystemTime>,
+    /// The principal that started it (none when sagad authenticates no
+    /// one).
+    pub started_by: Option<String>,
 }
 
 impl Saga {
@@ -277,6 +280,7 @@ impl Saga {
             error: non_empty(s.error),
             created_at: s.created_at.and_then(time),
             updated_at: s.updated_at.and_then(time),
+            started_by: (!s.started_by.is_empty()).then_some(s.started_by),
         })
     }
 }

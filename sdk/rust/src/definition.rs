@@ -249,6 +249,7 @@ impl DefinitionBuilder {
                 steps,
                 deadline: self.deadline.map(duration),
                 created_at: None,
+                registered_by: String::new(),
             },
         })
     }

@@ -56,6 +56,8 @@ pub struct CreateRow {
     pub ttl_ms: i64,
     /// Detail of the `started` event.
     pub detail: String,
+    /// The principal starting it.
+    pub started_by: Option<String>,
 }
 
 /// What the database assigned to a created saga.
@@ -410,17 +412,18 @@ async fn write(c: &mut PgConnection, batch: &[Job]) -> Result<Written, sqlx::Err
 pub const CREATE_SQL: &str = "
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
-                             $6::bigint[], $7::uuid[], $8::bigint[], $9::text[])
-                 AS t(saga_id, definition, version, input, steps, deadline_ms, owner, ttl, detail)
+                             $6::bigint[], $7::uuid[], $8::bigint[], $9::text[], $11::text[])
+                 AS t(saga_id, definition, version, input, steps, deadline_ms, owner, ttl, detail,
+                      started_by)
     ), ins AS (
         INSERT INTO sagas (saga_id, definition, version, state, input, steps, deadline_at,
                            owner, lease_until, next_run_at, lease_epoch, event_seq,
-                           current_step, current_attempts)
+                           current_step, current_attempts, started_by)
         SELECT saga_id, definition, version, 'RUNNING', input, steps::jsonb,
                now() + deadline_ms * interval '1 millisecond',
                owner, CASE WHEN owner IS NULL THEN NULL ELSE now() + ttl * interval '1 millisecond' END,
                CASE WHEN owner IS NULL THEN now() ELSE now() + ttl * interval '1 millisecond' END,
-               1, 1, 0, 0
+               1, 1, 0, 0, started_by
         FROM v ORDER BY saga_id
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING saga_id, owner, lease_until, created_at, deadline_at
@@ -454,6 +457,11 @@ async fn write_creates(c: &mut PgConnection, batch: &[Job]) -> Result<Vec<PgRow>
         .bind(rows.iter().map(|r| r.ttl_ms).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>())
         .bind(EventKind::Started.as_str())
+        .bind(
+            rows.iter()
+                .map(|r| r.started_by.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(c)
         .await
 }

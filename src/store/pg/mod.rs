@@ -20,8 +20,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    Claimed, Created, Hold, Lease, NewSaga, OwnerId, SagaCounts, SagaPage, SagaQuery, SagaRecord,
-    SagaStore, StoreError, StoredEvent, StuckRule,
+    Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts, SagaPage, SagaQuery,
+    SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
@@ -105,6 +105,7 @@ pub fn saga_list_sql() -> String {
          WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
            AND ($9::text IS NULL OR state = $9)
            AND ($2::text IS NULL OR definition = $2)
+           AND ($10::text IS NULL OR started_by = $10)
            AND ($3::timestamptz IS NULL OR created_at <= $3)
            AND ($4::timestamptz IS NULL OR (created_at, saga_id) < ($4, $5::uuid))
            AND ($6::bigint IS NULL
@@ -187,7 +188,11 @@ fn event_arrays(events: &[EventRecord]) -> EventArrays {
 
 #[async_trait]
 impl SagaStore for PgStore {
-    async fn definition_register(&self, def: Definition) -> Result<(Definition, bool), StoreError> {
+    async fn definition_register(
+        &self,
+        def: Definition,
+        by: Option<&str>,
+    ) -> Result<(Definition, bool), StoreError> {
         let mut tx = self.pool.begin().await?;
         // Serialise registrations of one name so versions stay dense.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('saga_definitions'), hashtext($1))")
@@ -195,7 +200,7 @@ impl SagaStore for PgStore {
             .execute(&mut *tx)
             .await?;
         let latest = sqlx::query(
-            "SELECT version, content, created_at FROM saga_definitions
+            "SELECT version, content, created_at, registered_by FROM saga_definitions
              WHERE name = $1 ORDER BY version DESC LIMIT 1",
         )
         .bind(&def.name)
@@ -217,12 +222,16 @@ impl SagaStore for PgStore {
         };
         let content = serde_json::to_value(&stored)
             .map_err(|e| StoreError::Internal(format!("definition: {e}")))?;
-        sqlx::query("INSERT INTO saga_definitions (name, version, content) VALUES ($1, $2, $3)")
-            .bind(&stored.name)
-            .bind(next_version as i32)
-            .bind(content)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO saga_definitions (name, version, content, registered_by)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&stored.name)
+        .bind(next_version as i32)
+        .bind(content)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok((stored, true))
     }
@@ -231,9 +240,9 @@ impl SagaStore for PgStore {
         &self,
         name: &str,
         version: Option<u32>,
-    ) -> Result<Option<(Definition, DateTime<Utc>)>, StoreError> {
+    ) -> Result<Option<(Definition, Registered)>, StoreError> {
         let row = sqlx::query(
-            "SELECT version, content, created_at FROM saga_definitions
+            "SELECT version, content, created_at, registered_by FROM saga_definitions
              WHERE name = $1 AND ($2::int IS NULL OR version = $2)
              ORDER BY version DESC LIMIT 1",
         )
@@ -244,9 +253,10 @@ impl SagaStore for PgStore {
         row.as_ref().map(decode_definition).transpose()
     }
 
-    async fn definition_list(&self) -> Result<Vec<(Definition, DateTime<Utc>)>, StoreError> {
+    async fn definition_list(&self) -> Result<Vec<(Definition, Registered)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT version, content, created_at FROM saga_definitions ORDER BY name, version",
+            "SELECT version, content, created_at, registered_by FROM saga_definitions
+             ORDER BY name, version",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -271,6 +281,7 @@ impl SagaStore for PgStore {
                 owner,
                 ttl_ms: ttl,
                 detail: format!("{}@{}", new.definition.name, new.definition.version),
+                started_by: new.started_by.clone(),
             })
             .await?;
         let Some(row) = row else {
@@ -285,6 +296,7 @@ impl SagaStore for PgStore {
         let created_at = row.created_at;
         let mut saga = crate::domain::Saga::new(new.id, &new.definition, new.input, created_at);
         saga.deadline_at = row.deadline_at;
+        saga.started_by = new.started_by;
         let lease = match (new.owner, row.lease_until) {
             (Some((owner, _)), Some(until)) => Some(Lease {
                 saga_id: new.id,
@@ -343,6 +355,7 @@ impl SagaStore for PgStore {
             .bind(attempts_min)
             .bind(limit + 1)
             .bind(single)
+            .bind(q.started_by.as_deref())
             .fetch_all(&self.pool)
             .await?;
         let mut sagas = rows
@@ -633,23 +646,31 @@ impl SagaStore for PgStore {
         instance_id: &str,
         endpoint: &str,
         ttl: Duration,
+        by: Option<&str>,
     ) -> Result<(), StoreError> {
         // Instances dead for an hour are pruned as their peers announce
-        // themselves, so the table stays small without a sweeper.
+        // themselves, so the table stays small without a sweeper. The
+        // principal of the latest live heartbeat is `registered_by`; the
+        // one of a withdrawal (ttl 0) `withdrawn_by`.
         sqlx::query(
             "WITH pruned AS (
                 DELETE FROM participant_instances
                 WHERE participant = $1 AND expires_at < now() - interval '1 hour'
              )
-             INSERT INTO participant_instances (participant, instance_id, endpoint, expires_at)
-             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
+             INSERT INTO participant_instances
+                 (participant, instance_id, endpoint, expires_at, registered_by, withdrawn_by)
+             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond',
+                     CASE WHEN $4 > 0 THEN $5 END, CASE WHEN $4 = 0 THEN $5 END)
              ON CONFLICT (participant, instance_id) DO UPDATE
-             SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at, updated_at = now()",
+             SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at, updated_at = now(),
+                 registered_by = COALESCE(EXCLUDED.registered_by, participant_instances.registered_by),
+                 withdrawn_by = EXCLUDED.withdrawn_by",
         )
         .bind(participant)
         .bind(instance_id)
         .bind(endpoint)
         .bind(millis(ttl))
+        .bind(by)
         .execute(&self.pool)
         .await?;
         Ok(())

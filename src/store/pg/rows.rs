@@ -8,11 +8,11 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::domain::{Definition, Saga, SagaId, SagaState, Step, StepState};
-use crate::store::StoreError;
+use crate::store::{Registered, StoreError};
 
 /// The columns [`decode_saga`] reads, qualified with `s.` (alias `sagas s`).
 pub const SAGA_COLUMNS: &str = "s.saga_id, s.definition, s.version, s.state, s.suspended_from, \
-     s.input, s.steps, s.error, s.deadline_at, s.created_at, s.updated_at";
+     s.input, s.steps, s.error, s.deadline_at, s.created_at, s.updated_at, s.started_by";
 
 /// A step as stored inside `sagas.steps`.
 #[derive(Serialize, Deserialize)]
@@ -91,16 +91,24 @@ pub fn decode_saga(row: &PgRow) -> Result<Saga, StoreError> {
         deadline_at: row.try_get("deadline_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        started_by: row.try_get("started_by")?,
     })
 }
 
-/// A definition and its creation time from `(version, content, created_at)`.
-pub fn decode_definition(row: &PgRow) -> Result<(Definition, DateTime<Utc>), StoreError> {
+/// A definition and its registration from `(version, content, created_at,
+/// registered_by)`.
+pub fn decode_definition(row: &PgRow) -> Result<(Definition, Registered), StoreError> {
     let content: serde_json::Value = row.try_get("content")?;
     let mut def: Definition =
         serde_json::from_value(content).map_err(|e| corrupt("definition", e))?;
     def.version = row.try_get::<i32, _>("version")?.max(0) as u32;
-    Ok((def, row.try_get("created_at")?))
+    Ok((
+        def,
+        Registered {
+            at: row.try_get("created_at")?,
+            by: row.try_get("registered_by")?,
+        },
+    ))
 }
 
 /// The denormalised listing columns: the step in progress and the attempts

@@ -35,7 +35,9 @@ pub struct Cli {
         global = true
     )]
     pub coordinator: String,
-    /// The admin token, when the coordinator has one.
+    /// The credential to send (`authorization: Bearer`): the admin token, a
+    /// token of sagad's auth file, or a JWT. Reads need role viewer, acts
+    /// operator.
     #[arg(long, env = "SAGAD_ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Who acts (recorded in the saga's history).

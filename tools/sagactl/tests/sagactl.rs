@@ -17,10 +17,21 @@ struct Out {
     stderr: String,
 }
 
+const TOKEN: &str = "sagactl-test-token-123";
+
+/// sagactl with the admin token in its environment.
 async fn sagactl(coordinator: &str, args: &[&str]) -> Out {
+    sagactl_as(coordinator, Some(TOKEN), args).await
+}
+
+/// sagactl with `token` in its environment, or none.
+async fn sagactl_as(coordinator: &str, token: Option<&str>, args: &[&str]) -> Out {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"));
-    cmd.env_remove("SAGAD_ADMIN_TOKEN")
-        .env("USER", "carol")
+    match token {
+        Some(t) => cmd.env("SAGAD_ADMIN_TOKEN", t),
+        None => cmd.env_remove("SAGAD_ADMIN_TOKEN"),
+    };
+    cmd.env("USER", "carol")
         .arg("--coordinator")
         .arg(coordinator)
         .args(args);
@@ -60,7 +71,7 @@ async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
     let url = svc.clone().serve().await;
     let mut cfg = test_config(&db);
     cfg.participants = vec![("svc".into(), url)];
-    cfg.admin_token = Some("sagactl-test-token-123".into());
+    cfg.admin_token = Some(TOKEN.into());
     let coord = TestCoordinator::start(cfg).await;
     let mut client = coord.client().await;
     let addr = format!("http://{}", coord.addr);
@@ -178,17 +189,24 @@ async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
     assert_eq!(r.code, 3, "not found: {}", r.stderr);
     assert_eq!(sagactl(&addr, &["show", "nope"]).await.code, 1);
 
-    // Acting needs the token.
-    let r = sagactl(&addr, &["retry", &bad_saga.saga_id]).await;
+    // Reading and acting need the token (here given with --token).
+    let r = sagactl_as(&addr, None, &["retry", &bad_saga.saga_id]).await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("UNAUTHENTICATED"), "{}", r.stderr);
-    let token = ["--token", "sagactl-test-token-123"];
-    let r = sagactl(&addr, &["resolve", &bad_saga.saga_id]).await;
+    assert_eq!(sagactl_as(&addr, None, &["list"]).await.code, 1);
+    let token = ["--token", TOKEN];
+    let r = sagactl_as(&addr, None, &["resolve", &bad_saga.saga_id]).await;
     assert_eq!(r.code, 2, "--note is required: {}", r.stderr);
-    let r = sagactl(&addr, &[&["abort", &good.saga_id][..], &token].concat()).await;
-    assert_eq!(r.code, 1, "a completed saga cannot be aborted");
-    let r = sagactl(
+    let r = sagactl_as(
         &addr,
+        None,
+        &[&["abort", &good.saga_id][..], &token].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "a completed saga cannot be aborted");
+    let r = sagactl_as(
+        &addr,
+        None,
         &[&["retry", &bad_saga.saga_id, "--note", "fixed"][..], &token].concat(),
     )
     .await;
@@ -204,7 +222,7 @@ async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
             .find(|e| e.kind == "operator_retry")
             .unwrap()
             .detail,
-        "by carol: fixed"
+        "by carol (admin): fixed"
     );
 
     // An unreachable coordinator.

@@ -83,6 +83,8 @@ class Saga:
     error: str | None
     created_at: datetime | None
     updated_at: datetime | None
+    started_by: str | None = None
+    """The principal that started it (None when sagad authenticates no one)."""
 
     def input(self) -> Any:
         """The saga's input, parsed."""
@@ -362,6 +364,7 @@ def _saga(s: pb.Saga | None) -> Saga:
             error=s.error or None,
             created_at=_time(s.created_at) if s.HasField("created_at") else None,
             updated_at=_time(s.updated_at) if s.HasField("updated_at") else None,
+            started_by=s.started_by or None,
         )
     except ValueError as e:
         raise ProtocolError(f"unexpected saga from the coordinator: {e}") from None

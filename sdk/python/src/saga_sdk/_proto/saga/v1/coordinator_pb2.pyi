@@ -78,18 +78,20 @@ class StepDefinition(_message.Message):
     def __init__(self, name: _Optional[str] = ..., participant: _Optional[str] = ..., action: _Optional[str] = ..., compensation: _Optional[str] = ..., idempotent: _Optional[bool] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., compensation_retry: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
 
 class SagaDefinition(_message.Message):
-    __slots__ = ("name", "version", "steps", "deadline", "created_at")
+    __slots__ = ("name", "version", "steps", "deadline", "created_at", "registered_by")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_BY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     steps: _containers.RepeatedCompositeFieldContainer[StepDefinition]
     deadline: _duration_pb2.Duration
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepDefinition, _Mapping]]] = ..., deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    registered_by: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepDefinition, _Mapping]]] = ..., deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_by: _Optional[str] = ...) -> None: ...
 
 class RegisterDefinitionRequest(_message.Message):
     __slots__ = ("definition",)
@@ -168,7 +170,7 @@ class StepStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempts: _Optional[int] = ..., compensation_attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., output_json: _Optional[str] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Saga(_message.Message):
-    __slots__ = ("saga_id", "definition", "version", "state", "input_json", "steps", "error", "created_at", "updated_at")
+    __slots__ = ("saga_id", "definition", "version", "state", "input_json", "steps", "error", "created_at", "updated_at", "started_by")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,7 @@ class Saga(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     definition: str
     version: int
@@ -187,7 +190,8 @@ class Saga(_message.Message):
     error: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, saga_id: _Optional[str] = ..., definition: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SagaState, str]] = ..., input_json: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    started_by: str
+    def __init__(self, saga_id: _Optional[str] = ..., definition: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SagaState, str]] = ..., input_json: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_by: _Optional[str] = ...) -> None: ...
 
 class GetSagaRequest(_message.Message):
     __slots__ = ("saga_id",)
