@@ -552,4 +552,78 @@ mod tests {
         let hs = hs256(r#"{"alg":"HS256","kid":"h"}"#, &claims(NOW + 60));
         assert!(set.verify(&hs, &JwtRules::default(), NOW).is_ok());
     }
+
+    /// RS256 with a key made by the openssl command line (ring cannot make
+    /// RSA keys): the PEM public key, and the same key as a JWKS entry.
+    #[test]
+    fn rs256_with_a_pem_key_and_a_jwks() {
+        use ring::signature::{RsaKeyPair, RsaPublicKeyComponents, RSA_PKCS1_SHA256};
+        use rustls::pki_types::PrivatePkcs8KeyDer;
+        let dir = std::env::temp_dir().join(format!("sagad-rsa-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (key, public) = (dir.join("key.pem"), dir.join("pub.pem"));
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            let ok = std::process::Command::new("openssl")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("the openssl command line");
+            assert!(ok.success());
+        };
+        openssl(&[
+            "genpkey".as_ref(),
+            "-algorithm".as_ref(),
+            "RSA".as_ref(),
+            "-pkeyopt".as_ref(),
+            "rsa_keygen_bits:2048".as_ref(),
+            "-out".as_ref(),
+            key.as_os_str(),
+        ]);
+        openssl(&[
+            "pkey".as_ref(),
+            "-in".as_ref(),
+            key.as_os_str(),
+            "-pubout".as_ref(),
+            "-out".as_ref(),
+            public.as_os_str(),
+        ]);
+        let der = PrivatePkcs8KeyDer::from_pem_file(&key).expect("pkcs8");
+        let pair = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).expect("rsa key");
+        let rng = SystemRandom::new();
+        let sign = |header: &str| {
+            let msg = format!(
+                "{}.{}",
+                enc(header.as_bytes()),
+                enc(claims(NOW + 60).to_string().as_bytes())
+            );
+            let mut sig = vec![0u8; pair.public().modulus_len()];
+            pair.sign(&RSA_PKCS1_SHA256, &rng, msg.as_bytes(), &mut sig)
+                .expect("sign");
+            format!("{msg}.{}", enc(&sig))
+        };
+        let token = sign(r#"{"alg":"RS256"}"#);
+        let keys = JwtKeys::parse(&std::fs::read(&public).expect("pub")).expect("pem");
+        assert_eq!(
+            keys.verify(&token, &JwtRules::default(), NOW)
+                .map(|c| c.subject),
+            Ok("ci".into())
+        );
+        let mut forged: Vec<String> = token.split('.').map(str::to_owned).collect();
+        forged[2] = enc(&[7u8; 256]);
+        assert_eq!(
+            keys.verify(&forged.join("."), &JwtRules::default(), NOW),
+            Err(JwtError::BadSignature)
+        );
+        let parts = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
+        let jwks = serde_json::json!({"keys": [{"kty": "RSA", "kid": "r1", "n": enc(&parts.n), "e": enc(&parts.e)}]});
+        let set = JwtKeys::parse(jwks.to_string().as_bytes()).expect("jwks");
+        assert!(set
+            .verify(
+                &sign(r#"{"alg":"RS256","kid":"r1"}"#),
+                &JwtRules::default(),
+                NOW
+            )
+            .is_ok());
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

@@ -98,7 +98,7 @@ pub use client::{
 };
 pub use definition::{DefinitionBuilder, DefinitionError, RetryPolicy, SagaDefinition, Step};
 pub use participant::{
-    serve_local, Participant, ParticipantBuilder, Phase, RegisterOptions, Registration,
+    serve_local, Participant, ParticipantBuilder, Phase, RegisterOptions, Registration, ServerTls,
     StepContext, StepError,
 };
 

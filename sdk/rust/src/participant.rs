@@ -299,18 +299,31 @@ impl Participant {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        use tokio_stream::StreamExt;
-        // TCP_NODELAY on accepted sockets: a plain listener stream leaves
-        // Nagle's algorithm on, and small replies then wait for ACKs.
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-            if let Ok(c) = &conn {
-                let _ = c.set_nodelay(true);
-            }
-            conn
-        });
         tonic::transport::Server::builder()
             .add_service(self.service())
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
+            .await
+    }
+
+    /// [`Participant::serve`] over TLS: with `tls.client_ca_pem`, only
+    /// callers presenting a certificate signed by that CA (sagad's
+    /// `--participant-cert`) complete the handshake.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: ServerTls,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
+        if let Some(ca) = tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        tonic::transport::Server::builder()
+            .tls_config(config)?
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
             .await
     }
 
@@ -529,6 +542,39 @@ impl Drop for Registration {
             task.abort();
         }
     }
+}
+
+/// TLS for a participant's own server.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Its certificate chain (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM).
+    pub key_pem: String,
+    /// Require callers to present a certificate signed by this CA (PEM).
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepted sockets with TCP_NODELAY: a plain listener stream leaves
+/// Nagle's algorithm on, and small replies then wait for ACKs.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
 }
 
 /// Binds `127.0.0.1:0`, serves `participant` there until `shutdown`, and

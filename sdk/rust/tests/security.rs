@@ -10,7 +10,9 @@ mod common;
 use std::time::Duration;
 
 use saga_sdk::proto::participant_service_client::ParticipantServiceClient;
-use saga_sdk::{Client, ClientError, ClientTls, Participant, SagaDefinition, SagaState, Step};
+use saga_sdk::{
+    Client, ClientError, ClientTls, Participant, SagaDefinition, SagaState, ServerTls, Step,
+};
 use serde_json::Value;
 
 const TOKEN: &str = "participant-secret-0123456789";
@@ -126,5 +128,71 @@ async fn the_client_runs_a_saga_over_tls_with_a_token() {
     let err = anonymous.resolve(saga.id, "x").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(Client::connect(&url).await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A participant served over TLS that requires sagad's client certificate:
+/// sagad (with --participant-ca/-cert/-key) completes a saga on it; a
+/// caller without that certificate does not get through the handshake.
+#[tokio::test]
+async fn a_participant_over_tls_requires_sagads_client_certificate() {
+    let dir = certs::temp_dir("sdk-ptls");
+    let participants = certs::Ca::new("participants CA");
+    let sagads = certs::Ca::new("sagad client CA");
+    let server = participants.server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = ServerTls {
+        cert_pem: server.cert.clone(),
+        key_pem: server.key.clone(),
+        client_ca_pem: Some(sagads.pem.cert.clone()),
+    };
+    tokio::spawn(payments(None).serve_tls(listener, tls, std::future::pending()));
+
+    let db = common::TestDb::new().await;
+    let (ca_file, _) = participants.pem.write(&dir, "participants-ca");
+    let (cert, key) = sagads.client("sagad").write(&dir, "sagad");
+    let mut cfg = common::test_config(&db);
+    cfg.participants = vec![(
+        "payments".into(),
+        format!("https://localhost:{}", addr.port()),
+    )];
+    cfg.participant_ca = Some(ca_file);
+    cfg.participant_cert = Some(cert);
+    cfg.participant_key = Some(key);
+    cfg.require_participant_tls = true;
+    let coord = common::TestCoordinator::start(cfg).await;
+    let client = Client::connect(format!("http://{}", coord.addr))
+        .await
+        .unwrap();
+    client.register(&charge()).await.unwrap();
+    let saga = client.start("pay", &serde_json::json!({})).await.unwrap();
+    let saga = client.wait(saga.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(saga.state, SagaState::Completed);
+
+    // Trusting the server but without a client certificate: no call.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            &participants.pem.cert,
+        ))
+        .domain_name("localhost");
+    let refused = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok::<_, tonic::transport::Error>(ParticipantServiceClient::new(channel))
+    }
+    .await;
+    if let Ok(mut c) = refused {
+        let err = c
+            .invoke(saga_sdk::proto::InvokeRequest::default())
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:?}").contains("CertificateRequired"),
+            "{err:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -50,6 +50,12 @@ pub struct Args {
     /// (/metrics) are not read then: its admin server speaks TLS too.
     #[arg(long, conflicts_with = "sagad")]
     pub tls: bool,
+    /// Start sagad with authentication and call it with a credential of a
+    /// principal with roles client, definer and viewer: `token` (an auth
+    /// file holding its SHA-256) or `jwt` (an HS256 JWT): the cost of
+    /// authentication, alone or with --tls.
+    #[arg(long, value_enum, conflicts_with = "sagad")]
+    pub auth: Option<AuthMode>,
     /// Steps per saga.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub steps: u32,
@@ -176,12 +182,25 @@ impl Scrape {
     }
 }
 
-/// GET `/metrics` from an admin address (HTTP/1.0, loopback).
-async fn scrape(admin: &str) -> Option<Scrape> {
+/// How `--auth` authenticates the benchmark's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// A bearer token whose SHA-256 is in sagad's auth file.
+    Token,
+    /// A JWT signed with an HS256 secret given to sagad as --jwt-key.
+    Jwt,
+}
+
+/// GET `/metrics` from an admin address (HTTP/1.0, loopback), with the
+/// run's credential if it has one.
+async fn scrape(admin: &str, bearer: Option<&str>) -> Option<Scrape> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = bearer
+        .map(|b| format!("Authorization: {b}\r\n"))
+        .unwrap_or_default();
     let read = async {
         let mut conn = tokio::net::TcpStream::connect(admin).await.ok()?;
-        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n{auth}\r\n").as_bytes())
             .await
             .ok()?;
         let mut body = String::new();
@@ -239,6 +258,9 @@ struct Sagad {
     /// With `--tls`: the CA that signed its certificate, and where the
     /// files are (removed on drop).
     tls: Option<(String, std::path::PathBuf)>,
+    /// With `--auth`: the `authorization` value every call sends, and
+    /// where the auth files are (removed on drop).
+    auth: Option<(String, std::path::PathBuf)>,
 }
 
 impl Drop for Sagad {
@@ -250,7 +272,7 @@ impl Drop for Sagad {
                 .status();
             let _ = c.wait();
         }
-        if let Some((_, dir)) = &self.tls {
+        for (_, dir) in self.tls.iter().chain(&self.auth) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
@@ -308,6 +330,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             url: url.clone(),
             admin: args.sagad_admin.clone(),
             tls: None,
+            auth: None,
         });
     }
     if sqlx::Postgres::database_exists(&args.database_url).await? {
@@ -334,6 +357,10 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             .arg("--tls-key")
             .arg(dir.join("key.pem"));
     }
+    let auth = match args.auth {
+        Some(mode) => Some(credentials(mode, &mut command)?),
+        None => None,
+    };
     let mut child = command
         .args(["--participant", &format!("bench={participant_url}")])
         .env("RUST_LOG", "warn,saga_coordinator::server=info")
@@ -363,6 +390,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         url: String::new(),
         admin: None,
         tls,
+        auth,
     };
     let line = rx
         .recv_timeout(Duration::from_secs(60))
@@ -381,6 +409,95 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         sagad.admin = field("admin_addr").map(str::to_owned);
     }
     Ok(sagad)
+}
+
+/// Writes the auth file (`token`) or the JWT key (`jwt`) for a principal
+/// `saga-bench` with roles client, definer and viewer, adds the flag to
+/// `command`, and returns the `authorization` value and the directory.
+fn credentials(
+    mode: AuthMode,
+    command: &mut std::process::Command,
+) -> anyhow::Result<(String, std::path::PathBuf)> {
+    use base64::Engine as _;
+    let dir = std::env::temp_dir().join(format!("saga-bench-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let secret: [u8; 32] = rand_bytes()?;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let roles = ["client", "definer", "viewer"];
+    let bearer = match mode {
+        AuthMode::Token => {
+            let token = b64(&secret);
+            let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let file = dir.join("auth.yaml");
+            std::fs::write(
+                &file,
+                format!("principals:\n  - {{name: saga-bench, token_sha256: {hex}, roles: {roles:?}}}\n"),
+            )?;
+            command.arg("--auth-file").arg(file);
+            token
+        }
+        AuthMode::Jwt => {
+            let file = dir.join("jwt.key");
+            std::fs::write(&file, b64(&secret))?;
+            command.arg("--jwt-key").arg(file);
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + 24 * 3_600;
+            let claims = serde_json::json!({"sub": "saga-bench", "roles": roles, "exp": exp});
+            let msg = format!(
+                "{}.{}",
+                b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+                b64(claims.to_string().as_bytes())
+            );
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b64(&secret).as_bytes());
+            format!(
+                "{msg}.{}",
+                b64(ring::hmac::sign(&key, msg.as_bytes()).as_ref())
+            )
+        }
+    };
+    Ok((format!("Bearer {bearer}"), dir))
+}
+
+fn rand_bytes() -> anyhow::Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+        .map_err(|_| anyhow!("no system randomness"))?;
+    Ok(out)
+}
+
+/// A gRPC client sending the run's credential (if any) with every call.
+type Client = CoordinatorServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// Adds `authorization` to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+impl Sagad {
+    fn bearer(&self) -> Option<&str> {
+        self.auth.as_ref().map(|(b, _)| b.as_str())
+    }
+
+    fn client(&self, channel: tonic::transport::Channel) -> anyhow::Result<Client> {
+        let value = self.bearer().map(str::parse).transpose()?;
+        Ok(CoordinatorServiceClient::with_interceptor(
+            channel,
+            Bearer(value),
+        ))
+    }
 }
 
 /// A CA and a certificate it signed for 127.0.0.1, written to a fresh
@@ -463,8 +580,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     println!(
-        "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; PostgreSQL {version}",
-        args.steps, args.concurrency, args.duration_secs, args.fail_fraction
+        "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; {}, {}; PostgreSQL {version}",
+        args.steps,
+        args.concurrency,
+        args.duration_secs,
+        args.fail_fraction,
+        if args.tls { "TLS" } else { "plaintext" },
+        match args.auth {
+            Some(AuthMode::Token) => "auth-file token",
+            Some(AuthMode::Jwt) => "HS256 JWT",
+            None => "no authentication",
+        },
     );
 
     let mut endpoint =
@@ -476,7 +602,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     let channel = endpoint.connect().await?;
-    let mut client = CoordinatorServiceClient::new(channel.clone());
+    let mut client = sagad.client(channel.clone())?;
     if args.sagad.is_some() {
         client
             .heartbeat(proto::HeartbeatRequest {
@@ -585,6 +711,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "fail_fraction": args.fail_fraction,
         "duration_secs": args.duration_secs,
         "tls": args.tls,
+        "auth": args.auth.map(|m| format!("{m:?}").to_lowercase()),
         "postgres": version,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "levels": levels,
@@ -619,7 +746,7 @@ async fn run_level(
     let cpu_before = sagad.cpu_secs();
     let pg_cpu_before = postgres_cpu_secs();
     let scrape_before = match sagad.admin.as_deref() {
-        Some(a) => scrape(a).await,
+        Some(a) => scrape(a, sagad.bearer()).await,
         None => None,
     };
     let started = Instant::now();
@@ -629,7 +756,7 @@ async fn run_level(
     let budget = Arc::new(AtomicU64::new(args.max_sagas));
     let mut tasks = Vec::new();
     for i in 0..c {
-        let mut client = CoordinatorServiceClient::new(channel.clone());
+        let mut client = sagad.client(channel.clone())?;
         let (name, done, errors, budget) = (
             name.to_owned(),
             done.clone(),
@@ -735,7 +862,9 @@ async fn run_level(
         _ => None,
     };
     let scraped = match (sagad.admin.as_deref(), scrape_before) {
-        (Some(a), Some(before)) => scrape(a).await.map(|after| after.since(before)),
+        (Some(a), Some(before)) => scrape(a, sagad.bearer())
+            .await
+            .map(|after| after.since(before)),
         _ => None,
     };
     let after = settled_stats(pool, args.stats_settle_secs).await?;

@@ -51,7 +51,9 @@ async fn run_bench(args: &[&str]) -> (serde_json::Value, std::path::PathBuf) {
 
 #[tokio::test]
 async fn saga_bench_runs_and_writes_its_report() {
-    let (report, out) = run_bench(&["--fail-fraction", "0.25"]).await;
+    // With a token in an auth file: /metrics is read with it too.
+    let (report, out) = run_bench(&["--fail-fraction", "0.25", "--auth", "token"]).await;
+    assert_eq!(report["auth"], "token");
     let level = &report["levels"][0];
     assert_eq!(level["concurrency"], 2);
     assert_eq!(level["errors"], 0);
@@ -75,9 +77,20 @@ async fn saga_bench_runs_and_writes_its_report() {
 }
 
 #[tokio::test]
-async fn saga_bench_runs_over_tls() {
-    let (report, out) = run_bench(&["--tls", "--no-ceiling", "--stats-settle-secs", "0"]).await;
-    assert_eq!(report["tls"], true);
+async fn saga_bench_runs_over_tls_with_a_jwt() {
+    let args = [
+        "--tls",
+        "--auth",
+        "jwt",
+        "--no-ceiling",
+        "--stats-settle-secs",
+        "0",
+    ];
+    let (report, out) = run_bench(&args).await;
+    assert_eq!(
+        (&report["tls"], &report["auth"]),
+        (&true.into(), &"jwt".into())
+    );
     let level = &report["levels"][0];
     assert_eq!(level["errors"], 0);
     assert!(level["sagas"].as_u64().unwrap() > 0, "{level}");
