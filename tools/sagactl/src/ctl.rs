@@ -40,6 +40,10 @@ pub struct Cli {
     /// operator.
     #[arg(long, env = "SAGAD_ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) the coordinator's TLS certificate must chain
+    /// to (for an `https://` coordinator; default: the system's roots).
+    #[arg(long, env = "SAGACTL_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// Who acts (recorded in the saga's history).
     #[arg(long, env = "USER", default_value = "sagactl", global = true)]
     pub actor: String,
@@ -182,9 +186,19 @@ impl From<ClientError> for Failure {
 
 /// Runs a command; returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Failure> {
-    let mut c = Client::connect(cli.coordinator.clone())
-        .await?
-        .with_actor(&cli.actor)?;
+    let c = match &cli.ca {
+        None => Client::connect(cli.coordinator.clone()).await?,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| fail(2, format!("--ca {}: {e}", path.display())))?;
+            let tls = saga_sdk::ClientTls {
+                ca_pem: Some(pem),
+                identity: None,
+            };
+            Client::connect_tls(cli.coordinator.clone(), tls).await?
+        }
+    };
+    let mut c = c.with_actor(&cli.actor)?;
     if let Some(t) = &cli.token {
         c = c.with_token(t)?;
     }

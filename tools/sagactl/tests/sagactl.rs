@@ -3,6 +3,8 @@
 
 // The coordinator's test harness (a fresh database, sagad in-process,
 // scripted participants), shared with the root package's tests.
+#[path = "../../../tests/common/certs.rs"]
+mod certs;
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 
@@ -234,5 +236,30 @@ async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
         "{}",
         r.stderr
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An `https://` coordinator: verified against `--ca`; without it (the
+/// system's roots do not know the test CA) it cannot be reached.
+#[tokio::test]
+async fn it_reaches_a_tls_coordinator_trusting_its_ca() {
+    let db = TestDb::new().await;
+    let dir = certs::temp_dir("sagactl-tls");
+    let ca = certs::Ca::new("sagactl CA");
+    let (cert, key) = ca.server().write(&dir, "server");
+    let (ca_file, _) = ca.pem.write(&dir, "ca");
+    let mut cfg = test_config(&db);
+    cfg.tls_cert = Some(cert);
+    cfg.tls_key = Some(key);
+    cfg.admin_token = Some(TOKEN.into());
+    let coord = TestCoordinator::start(cfg).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let ca_arg = ca_file.display().to_string();
+    let r = sagactl(&url, &["--ca", &ca_arg, "list"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("SAGA"), "{}", r.stdout);
+    assert_eq!(sagactl(&url, &["list"]).await.code, 4, "unknown CA");
+    let r = sagactl_as(&url, None, &["--ca", &ca_arg, "list"]).await;
+    assert_eq!(r.code, 1, "no credential: {}", r.stderr);
     let _ = std::fs::remove_dir_all(&dir);
 }
