@@ -189,7 +189,7 @@ async fn json_api_actions_need_the_token() {
     let evs = events(&mut e.client, &bad).await;
     let op = evs.iter().find(|ev| ev.kind == "operator_retry").unwrap();
     assert_eq!(
-        op.detail, "by ops-bot (admin): fixed the deployment",
+        op.detail, "by admin (claimed: ops-bot): fixed the deployment",
         "the person named, and the principal"
     );
 
@@ -381,7 +381,7 @@ async fn the_page_logs_in_checks_csrf_and_confirms_actions() {
         .find(|ev| ev.kind == "operator_retry")
         .unwrap();
     assert_eq!(
-        op.detail, "by alice (admin): redeployed",
+        op.detail, "by admin (claimed: alice): redeployed",
         "actor and note recorded"
     );
     let shown = http(

@@ -225,7 +225,7 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
     );
     let history = appear(&c, "history").await.text().await.unwrap();
     assert!(
-        history.contains("operator_retry by dana (admin): charge handler redeployed"),
+        history.contains("operator_retry by admin (claimed: dana): charge handler redeployed"),
         "{history}"
     );
 

@@ -207,14 +207,15 @@ impl Principal {
         (!self.anonymous).then_some(self.name.as_str())
     }
 
-    /// Who an operator action is recorded as: the principal, with the
-    /// person it names in [`ACTOR_HEADER`] (a login name) when given.
-    /// Anonymous callers are recorded by that name, or `fallback`.
+    /// Who an operator action is recorded as: the principal, then the
+    /// person it names in [`ACTOR_HEADER`] (or a login name), marked as
+    /// claimed since nothing checks it: `ops (claimed: carol)`. Anonymous
+    /// callers are recorded by that name, or `fallback`.
     pub fn actor(&self, named: Option<&str>, fallback: &str) -> String {
         let named = named.and_then(clean_name);
         match (self.anonymous, named) {
             (true, n) => n.unwrap_or_else(|| fallback.to_owned()),
-            (false, Some(n)) if n != self.name => format!("{n} ({})", self.name),
+            (false, Some(n)) if n != self.name => format!("{} (claimed: {n})", self.name),
             (false, _) => self.name.clone(),
         }
     }

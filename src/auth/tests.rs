@@ -154,7 +154,7 @@ fn nothing_configured_is_anonymous_with_every_role() {
     assert_eq!(who.actor(Some("carol\n"), "grpc"), "carol");
     assert_eq!(who.actor(None, "grpc"), "grpc");
     let named = Principal::named("ops".into(), vec![Role::Operator]);
-    assert_eq!(named.actor(Some("carol"), "grpc"), "carol (ops)");
+    assert_eq!(named.actor(Some("carol"), "grpc"), "ops (claimed: carol)");
     assert_eq!(named.actor(None, "grpc"), "ops");
 }
 

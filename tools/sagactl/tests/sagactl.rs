@@ -224,7 +224,7 @@ async fn operators_can_list_show_and_act_with_reliable_exit_codes() {
             .find(|e| e.kind == "operator_retry")
             .unwrap()
             .detail,
-        "by carol (admin): fixed"
+        "by admin (claimed: carol): fixed"
     );
 
     // An unreachable coordinator.
