@@ -8,9 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .to_str()
         .ok_or("the vendored protoc's include path is not UTF-8")?
         .to_owned();
-    tonic_prost_build::configure().compile_protos(
-        &["saga/v1/coordinator.proto", "saga/v1/participant.proto"],
-        &[".", include.as_str()],
-    )?;
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
+        .compile_protos(
+            &["saga/v1/coordinator.proto", "saga/v1/participant.proto"],
+            &[".", include.as_str()],
+        )?;
     Ok(())
 }

@@ -77,6 +77,10 @@ pub struct Config {
     /// Largest saga input or step output, in bytes.
     #[arg(long, env = "SAGAD_PAYLOAD_BYTES_MAX", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=64 << 20))]
     pub payload_bytes_max: u64,
+    /// Deepest nesting of arrays and objects in a saga input or step
+    /// output.
+    #[arg(long, env = "SAGAD_JSON_DEPTH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub json_depth_max: u32,
     /// How long in-flight calls may finish on shutdown before they are
     /// abandoned.
     #[arg(long, env = "SAGAD_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
@@ -129,6 +133,34 @@ pub struct Config {
     /// Most rows of a saga list; larger requests are capped.
     #[arg(long, env = "SAGAD_LIST_PAGE_ROWS_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub list_page_rows_max: u32,
+    /// A saga list ends once its sagas' inputs and outputs reach this many
+    /// bytes (the page is shorter; its token continues it).
+    #[arg(long, env = "SAGAD_LIST_PAGE_BYTES_MAX", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub list_page_bytes_max: u64,
+    /// Most WaitSaga calls waiting at once in this process; more are
+    /// answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SAGAD_WAITS_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub waits_max: u32,
+    /// StartSaga and RegisterDefinition calls per second per principal
+    /// (token bucket; 0: no limit); more are answered RESOURCE_EXHAUSTED
+    /// with a retry delay.
+    #[arg(long, env = "SAGAD_START_RATE_PER_PRINCIPAL", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub start_rate_per_principal: u32,
+    /// How many such calls a principal may make at once above the rate.
+    #[arg(long, env = "SAGAD_START_BURST_PER_PRINCIPAL", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub start_burst_per_principal: u32,
+    /// Largest admin HTTP request body (forms, JSON notes).
+    #[arg(long, env = "SAGAD_ADMIN_BODY_BYTES_MAX", default_value_t = 64 << 10, value_parser = clap::value_parser!(u64).range(1..=16 << 20))]
+    pub admin_body_bytes_max: u64,
+    /// How long an admin HTTP client may take to send a request's headers
+    /// (and how long an idle connection is kept).
+    #[arg(long, env = "SAGAD_ADMIN_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub admin_header_timeout_ms: u64,
+    /// Failed credentials (logins, bearer tokens) one address may present
+    /// to the admin server per minute before it is answered 429 for the
+    /// rest of that minute.
+    #[arg(long, env = "SAGAD_ADMIN_AUTH_FAILURES_PER_MINUTE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub admin_auth_failures_per_minute: u32,
     /// How long a request waits for a free database connection before it is
     /// answered UNAVAILABLE.
     #[arg(long, env = "SAGAD_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
@@ -216,6 +248,14 @@ impl Config {
     /// `lease_ttl_ms` as a duration.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// How large and deep inputs and outputs may be.
+    pub fn json_limits(&self) -> crate::domain::JsonLimits {
+        crate::domain::JsonLimits {
+            bytes_max: self.payload_bytes(),
+            depth_max: self.json_depth_max as usize,
+        }
     }
 
     /// `payload_bytes_max` in memory terms.

@@ -29,6 +29,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod limits;
 pub mod metrics;
 pub mod ops;
 pub mod participant;

@@ -103,13 +103,20 @@ impl From<TransitionError> for OpsError {
     }
 }
 
-/// `now - age`, saturating at the earliest representable time (an absurd
-/// age from a client must not panic).
-pub fn older_than(now: DateTime<Utc>, age: Duration) -> DateTime<Utc> {
+/// Longest age filter accepted (100 years).
+pub const AGE_SECS_MAX: u64 = 100 * 366 * 86_400;
+
+/// `now - age`; an age beyond [`AGE_SECS_MAX`] is bad input in `field`.
+pub fn older_than(
+    field: &str,
+    now: DateTime<Utc>,
+    age: Duration,
+) -> Result<DateTime<Utc>, ValidationError> {
     chrono::Duration::from_std(age)
         .ok()
+        .filter(|_| age.as_secs() <= AGE_SECS_MAX)
         .and_then(|a| now.checked_sub_signed(a))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .ok_or_else(|| ValidationError::new(field, "is longer than 100 years"))
 }
 
 /// An opaque page token for the keyset cursor `(created_at, saga_id)` of
@@ -130,10 +137,13 @@ pub fn decode_page_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, V
         .map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+    // Sagas are created by the database's clock: a cursor outside
+    // 1970..=9999 was not issued here (and PostgreSQL would refuse some).
     let at = micros
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
+        .filter(|t| (1970..=9999).contains(&chrono::Datelike::year(t)))
         .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
     Ok(Some((at, id)))
@@ -262,6 +272,9 @@ impl Ops {
         actor: &str,
         note: &str,
     ) -> Result<(Saga, Arc<Definition>), OpsError> {
+        if note.contains('\0') {
+            return Err(ValidationError::new("note", "contains a NUL character").into());
+        }
         if note.len() > NOTE_BYTES_MAX {
             return Err(ValidationError::new(
                 "note",

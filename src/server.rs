@@ -316,7 +316,7 @@ impl Parts {
                 statics: cfg.static_participants(),
                 discovery_cache: Duration::from_millis(cfg.discovery_cache_ms),
                 connect_timeout: Duration::from_millis(cfg.participant_connect_timeout_ms),
-                payload_bytes_max: cfg.payload_bytes(),
+                json: cfg.json_limits(),
                 tls: participant_tls(cfg)?,
                 require_tls: cfg.require_participant_tls,
                 token: participant_token(cfg)?,
@@ -354,6 +354,10 @@ impl Parts {
                 page_rows_default: cfg.list_page_rows_default,
                 page_rows_max: cfg.list_page_rows_max,
                 readyz_timeout: Duration::from_millis(cfg.readyz_timeout_ms),
+                page_bytes_max: usize::try_from(cfg.list_page_bytes_max).unwrap_or(usize::MAX),
+                body_bytes_max: usize::try_from(cfg.admin_body_bytes_max).unwrap_or(usize::MAX),
+                header_timeout: Duration::from_millis(cfg.admin_header_timeout_ms),
+                auth_failures_per_minute: cfg.admin_auth_failures_per_minute,
             },
         );
         let notices = usize::try_from(cfg.wait_notices_max).unwrap_or(usize::MAX);
@@ -380,13 +384,17 @@ impl Parts {
 
 fn api_config(cfg: &Config, stuck: StuckRule) -> ApiConfig {
     ApiConfig {
-        payload_bytes_max: cfg.payload_bytes(),
+        json: cfg.json_limits(),
         defaults: Defaults::default(),
         wait_default: Duration::from_millis(cfg.wait_default_ms.min(cfg.wait_max_ms)),
         wait_max: Duration::from_millis(cfg.wait_max_ms),
         wait_recheck: Duration::from_millis(cfg.wait_recheck_ms),
         page_rows_default: cfg.list_page_rows_default,
         page_rows_max: cfg.list_page_rows_max,
+        page_bytes_max: usize::try_from(cfg.list_page_bytes_max).unwrap_or(usize::MAX),
+        waits_max: cfg.waits_max as usize,
+        start_rate_per_principal: cfg.start_rate_per_principal,
+        start_burst_per_principal: cfg.start_burst_per_principal,
         stuck,
         heartbeat_ttl_default: Duration::from_millis(cfg.heartbeat_ttl_default_ms),
         require_participant_tls: cfg.require_participant_tls,

@@ -130,7 +130,7 @@ async fn json_api_reads() {
         ("/api/sagas?page_token=zzz", 400, Some("page_token")),
         ("/api/sagas?stuck=maybe", 400, Some("stuck")),
         ("/api/sagas/not-a-uuid", 400, Some("saga_id")),
-        ("/api/sagas/00000000-0000-0000-0000-000000000000", 404, None),
+        ("/api/sagas/7f0c1a52-9a6e-4d3b-8f3e-2b1d0c9e8a71", 404, None),
         ("/api/nothing", 404, None),
     ] {
         let r = get(&e, path).await;

@@ -117,6 +117,8 @@ impl Env {
         cfg.jwt_key = Some(key);
         cfg.jwt_issuer = Some(ISSUER.into());
         cfg.jwt_audience = Some("sagad".into());
+        // The table presents many refused credentials from one address.
+        cfg.admin_auth_failures_per_minute = 100_000;
         let coord = TestCoordinator::start(cfg).await;
         Env {
             coord,

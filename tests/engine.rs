@@ -685,7 +685,10 @@ async fn channels_of_dead_participant_instances_are_dropped() {
             statics: Default::default(),
             discovery_cache: Duration::ZERO,
             connect_timeout: Duration::from_secs(2),
-            payload_bytes_max: 1 << 20,
+            json: saga_coordinator::domain::JsonLimits {
+                bytes_max: 1 << 20,
+                depth_max: 64,
+            },
             tls: saga_coordinator::participant::client_tls(None, None),
             require_tls: false,
             token: None,

@@ -34,3 +34,67 @@ pub fn status_code_name(code: tonic::Code) -> &'static str {
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+/// The codec of every generated client and server: prost's, except that a
+/// message that does not decode — bad wire bytes, a string field that is
+/// not UTF-8 — is `INVALID_ARGUMENT` (the sender's bad input, naming the
+/// field prost names) rather than `INTERNAL` (a fault of ours).
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
+    use tonic::{Code, Status};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// See the module documentation.
+    #[derive(Debug, Clone)]
+    pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for Codec<T, U> {
+        fn default() -> Self {
+            Codec(PhantomData)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for Codec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = StrictDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::default().encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            StrictDecoder(ProstCodec::<T, U>::default().decoder())
+        }
+    }
+
+    /// prost's decoder with its errors as `INVALID_ARGUMENT`.
+    #[derive(Debug, Clone)]
+    pub struct StrictDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|s| match s.code() {
+                Code::Internal => {
+                    let m: String = s.message().chars().take(200).collect();
+                    Status::invalid_argument(format!("the message does not decode: {m}"))
+                }
+                _ => s,
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}

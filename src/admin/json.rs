@@ -95,10 +95,14 @@ impl Filters {
             stuck: stuck.then_some(st.cfg.stuck),
             created_before: self
                 .min_age_secs
-                .map(|secs| ops::older_than(now, std::time::Duration::from_secs(secs))),
+                .map(|secs| {
+                    ops::older_than("min_age_secs", now, std::time::Duration::from_secs(secs))
+                })
+                .transpose()?,
             limit: self.page_size,
             after: ops::decode_page_token(self.page_token.as_deref().unwrap_or(""))?,
             started_by: None,
+            bytes_max: Some(st.cfg.page_bytes_max),
         })
     }
 }
@@ -276,10 +280,8 @@ pub(super) async fn act(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send a JSON body with Content-Type: application/json",
         ),
-        other => HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("body: {}", other.body_text()),
-        ),
+        // 400 for bad JSON, 413 for a body over --admin-body-bytes-max.
+        other => HttpError::new(other.status(), format!("body: {}", other.body_text())),
     })?;
     let actor = caller.principal.actor(
         headers

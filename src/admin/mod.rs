@@ -25,7 +25,10 @@
 
 mod html;
 mod json;
+mod listen;
 mod pages;
+
+pub use listen::serve;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,9 +42,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Authenticator, Need, Principal};
+use crate::limits::KeyedBuckets;
 use crate::metrics::Metrics;
 use crate::ops::{Ops, OpsError};
 use crate::store::StuckRule;
@@ -64,6 +67,14 @@ pub struct AdminConfig {
     pub page_rows_max: u32,
     /// How long /readyz waits for the database.
     pub readyz_timeout: Duration,
+    /// Byte budget of a saga list page.
+    pub page_bytes_max: usize,
+    /// Largest request body.
+    pub body_bytes_max: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// Failed credentials per address per minute before 429.
+    pub auth_failures_per_minute: u32,
 }
 
 #[derive(Clone)]
@@ -92,6 +103,8 @@ pub struct AdminState {
     cfg: AdminConfig,
     /// CSRF token of forms when no authentication is configured.
     process_csrf: String,
+    /// Failed credentials by peer address.
+    failures: KeyedBuckets,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -109,6 +122,10 @@ impl AdminState {
             pool,
             metrics,
             auth,
+            failures: KeyedBuckets::new(
+                f64::from(cfg.auth_failures_per_minute) / 60.0,
+                cfg.auth_failures_per_minute,
+            ),
             cfg,
             process_csrf: random_token(),
             sessions: Mutex::new(HashMap::new()),
@@ -279,7 +296,85 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.cfg.body_bytes_max,
+        ))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// Headers on every answer: no framing (clickjacking), no sniffing, no
+/// referrer to other sites, and a content policy that allows the page's own inline style,
+/// same-origin images and forms, and nothing else (no script at all).
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    for (k, v) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        // same-origin, not no-referrer: with no-referrer browsers send
+        // `Origin: null` on our own forms, which the Origin check refuses.
+        (header::REFERRER_POLICY, "same-origin"),
+    ] {
+        h.insert(k, header::HeaderValue::from_static(v));
+    }
+    r
+}
+
+/// The address a request came from (for counting failed credentials).
+fn peer(req: &Request) -> String {
+    peer_ip(req.extensions().get::<listen::Remote>())
+}
+
+fn peer_ip(remote: Option<&listen::Remote>) -> String {
+    remote.map_or_else(|| "unknown".to_owned(), |r| r.0.ip().to_string())
+}
+
+impl AdminState {
+    /// Counts a failed credential from `remote`.
+    fn failed(&self, remote: Option<&listen::Remote>) {
+        let _ = self
+            .failures
+            .take(&peer_ip(remote), std::time::Instant::now());
+    }
+}
+
+/// A POST whose `Origin` is another site: refused (with SameSite=Strict
+/// cookies and CSRF tokens this is a third line of defence).
+fn cross_site(req: &Request) -> bool {
+    if req.method() != Method::POST {
+        return false;
+    }
+    let (Some(origin), Some(host)) = (
+        req.headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok()),
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    origin_host != host
+}
+
+/// 429 with `Retry-After`, JSON or a page.
+fn too_many(st: &AdminState, req: &Request, wait: Duration, api: bool) -> Response {
+    let secs = wait.as_secs().max(1);
+    let msg = format!("too many failed credentials from this address; retry in {secs} s");
+    let mut r = if api {
+        HttpError::new(StatusCode::TOO_MANY_REQUESTS, msg).into_response()
+    } else {
+        pages::error(st, req.headers(), StatusCode::TOO_MANY_REQUESTS, &msg)
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 /// 401 for no or a refused credential, 403 for a missing role.
@@ -310,7 +405,27 @@ async fn gate(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/login" | "/logout") {
+    let api = path.starts_with("/api/") || path == "/metrics";
+    if cross_site(&req) {
+        let msg = "a form from another site is refused";
+        return if api {
+            HttpError::new(StatusCode::FORBIDDEN, msg).into_response()
+        } else {
+            pages::error(&st, req.headers(), StatusCode::FORBIDDEN, msg)
+        };
+    }
+    if matches!(path, "/healthz" | "/readyz" | "/logout")
+        || (path == "/login" && req.method() != Method::POST)
+    {
+        return next.run(req).await;
+    }
+    let ip = peer(&req);
+    let now = std::time::Instant::now();
+    if let Err(wait) = st.failures.check(&ip, now) {
+        return too_many(&st, &req, wait, api);
+    }
+    if path == "/login" {
+        // Counts its own failures (pages::login).
         return next.run(req).await;
     }
     let need = need_of(req.method(), path);
@@ -323,10 +438,16 @@ async fn gate(
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) if path.starts_with("/api/") || path == "/metrics" => {
-            HttpError::from(e).into_response()
+        Err(e) => {
+            if matches!(e, AuthError::Invalid(_)) {
+                st.failed(req.extensions().get::<listen::Remote>());
+            }
+            if api {
+                HttpError::from(e).into_response()
+            } else {
+                pages::refused(&st, req.headers(), req.uri(), e)
+            }
         }
-        Err(e) => pages::refused(&st, req.headers(), req.uri(), e),
     }
 }
 
@@ -349,19 +470,5 @@ async fn readyz(
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "not ready", "error": "database does not answer"})),
         ),
-    }
-}
-
-/// Serves on `listener` (TCP, or TLS connections) until `stop`.
-pub async fn serve<L>(listener: L, state: Arc<AdminState>, stop: CancellationToken)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    if let Err(error) = axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "admin server failed");
     }
 }

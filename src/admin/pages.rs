@@ -45,6 +45,16 @@ pub(super) fn refused(st: &AdminState, headers: &HeaderMap, uri: &Uri, e: AuthEr
     }
 }
 
+/// An error page (for the gate's refusals too).
+pub(super) fn error(
+    st: &AdminState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    msg: &str,
+) -> Response {
+    error_page(st, headers, status, msg)
+}
+
 fn error_page(st: &AdminState, headers: &HeaderMap, status: StatusCode, msg: &str) -> Response {
     let body = format!(
         "<div class='flash error'>{}</div><p><a href=/>Back to the list</a></p>",
@@ -518,10 +528,21 @@ fn definition_section(d: &Definition, at: &Registered) -> String {
     out
 }
 
-/// Only same-site paths may be the target after login.
+/// Only same-site paths may be the target after login: a `/` followed by
+/// visible ASCII, not `//` or `/\\` (another host), no whitespace or control
+/// characters (browsers drop tabs and newlines, so `/\t/evil.example` is
+/// `//evil.example`; a newline cannot go in a header at all).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.len() <= 2_048
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -576,6 +597,7 @@ pub(super) struct LoginForm {
 /// POST /login: sets the session cookie.
 pub(super) async fn login(
     State(st): State<Arc<AdminState>>,
+    remote: Option<Extension<super::listen::Remote>>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
@@ -594,6 +616,7 @@ pub(super) async fn login(
     }
     let credential = format!("Bearer {}", f.token.trim());
     if let Err(e) = st.auth.authenticate(Some(&credential), None) {
+        st.failed(remote.as_ref().map(|Extension(r)| r));
         return login_page(
             &st,
             &headers,

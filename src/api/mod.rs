@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, AuthError, Authenticator, Need, Principal};
 use crate::domain::{check_name, Defaults, Definition, SagaId, ValidationError};
+use crate::limits::KeyedBuckets;
 use crate::metrics::Metrics;
 use crate::ops::{self, OperatorKind, Ops, OpsError};
 use crate::participant::{check_endpoint, check_tls};
@@ -43,8 +44,8 @@ use crate::worker::Worker;
 /// API settings.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Largest accepted input (bytes).
-    pub payload_bytes_max: usize,
+    /// Largest and deepest accepted input.
+    pub json: crate::domain::JsonLimits,
     /// Defaults for definitions.
     pub defaults: Defaults,
     /// `WaitSaga` timeout when unset.
@@ -57,6 +58,15 @@ pub struct ApiConfig {
     pub page_rows_default: u32,
     /// Most `ListSagas` rows.
     pub page_rows_max: u32,
+    /// Byte budget of a `ListSagas` page.
+    pub page_bytes_max: usize,
+    /// Most `WaitSaga` calls waiting at once.
+    pub waits_max: usize,
+    /// StartSaga/RegisterDefinition per second per principal (0: none)
+    /// and the burst above it.
+    pub start_rate_per_principal: u32,
+    /// See `start_rate_per_principal`.
+    pub start_burst_per_principal: u32,
     /// What "stuck" means.
     pub stuck: StuckRule,
     /// Heartbeat TTL when unset.
@@ -74,6 +84,8 @@ pub struct CoordinatorApi {
     settled: broadcast::Sender<Uuid>,
     stop: CancellationToken,
     auth: Arc<Authenticator>,
+    starts: Option<KeyedBuckets>,
+    waits: Arc<tokio::sync::Semaphore>,
     cfg: ApiConfig,
 }
 
@@ -98,8 +110,33 @@ impl CoordinatorApi {
             settled,
             stop,
             auth,
+            starts: (cfg.start_rate_per_principal > 0).then(|| {
+                KeyedBuckets::new(
+                    f64::from(cfg.start_rate_per_principal),
+                    cfg.start_burst_per_principal,
+                )
+            }),
+            waits: Arc::new(tokio::sync::Semaphore::new(cfg.waits_max)),
             cfg,
         }
+    }
+
+    /// Spends one of `who`'s StartSaga/RegisterDefinition tokens.
+    fn rate(&self, who: &Principal) -> Result<(), Status> {
+        let Some(starts) = &self.starts else {
+            return Ok(());
+        };
+        starts
+            .take(&who.name, std::time::Instant::now())
+            .map_err(|wait| {
+                status::exhausted(
+                    format!(
+                        "{} is over its rate of StartSaga and RegisterDefinition calls (--start-rate-per-principal)",
+                        who.name
+                    ),
+                    wait,
+                )
+            })
     }
 
     async fn definition(&self, name: &str, version: u32) -> Result<Arc<Definition>, OpsError> {
@@ -210,23 +247,15 @@ impl CoordinatorApi {
         }
     }
 
-    /// Checks a JSON payload: size first (before parsing), then syntax.
+    /// Checks a JSON payload: size, depth, syntax (empty is `null`).
     fn json_input(&self, field: &str, text: String) -> Result<String, ValidationError> {
-        if text.len() > self.cfg.payload_bytes_max {
-            return Err(ValidationError::new(
-                field,
-                format!(
-                    "is {} bytes; the limit is {}",
-                    text.len(),
-                    self.cfg.payload_bytes_max
-                ),
-            ));
-        }
         if text.is_empty() {
             return Ok("null".into());
         }
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)
-            .map_err(|e| ValidationError::new(field, format!("not valid JSON: {e}")))?;
+        self.cfg
+            .json
+            .check(&text)
+            .map_err(|why| ValidationError::new(field, why))?;
         Ok(text)
     }
 
@@ -303,10 +332,12 @@ impl CoordinatorApi {
             definition: (!r.definition.is_empty()).then_some(r.definition),
             stuck: r.stuck_only.then_some(self.cfg.stuck),
             created_before: convert::duration_in("min_age", r.min_age.as_ref())?
-                .map(|age| ops::older_than(self.worker.db_now(), age)),
+                .map(|age| ops::older_than("min_age", self.worker.db_now(), age))
+                .transpose()?,
             limit,
             after: ops::decode_page_token(&r.page_token)?,
             started_by: who.reads_own_only().then(|| who.name.clone()),
+            bytes_max: Some(self.cfg.page_bytes_max),
         };
         let page = self.store.saga_list(&query).await?;
         let mut sagas = Vec::with_capacity(page.sagas.len());
@@ -336,8 +367,15 @@ impl CoordinatorApi {
     async fn heartbeat(&self, r: proto::HeartbeatRequest, who: &Principal) -> Result<(), OpsError> {
         check_name("participant", &r.participant, false)?;
         who.require(Need::Heartbeat(&r.participant))?;
-        if r.instance_id.is_empty() || r.instance_id.len() > 128 {
-            return Err(ValidationError::new("instance_id", "must be 1 to 128 bytes").into());
+        if r.instance_id.is_empty()
+            || r.instance_id.len() > 128
+            || r.instance_id.chars().any(char::is_control)
+        {
+            return Err(ValidationError::new(
+                "instance_id",
+                "must be 1 to 128 bytes without control characters",
+            )
+            .into());
         }
         check_endpoint(&r.endpoint)
             .and_then(|_| check_tls(&r.endpoint, self.cfg.require_participant_tls))
@@ -411,6 +449,7 @@ impl CoordinatorService for CoordinatorApi {
         r: Request<proto::RegisterDefinitionRequest>,
     ) -> Rpc<proto::RegisterDefinitionResponse> {
         let who = self.allowed(&r, Need::Define)?;
+        self.rate(&who)?;
         let run = async {
             let draft = convert::definition_in(r.into_inner().definition)?;
             let def = draft.validate(&self.cfg.defaults)?;
@@ -477,6 +516,7 @@ impl CoordinatorService for CoordinatorApi {
         r: Request<proto::StartSagaRequest>,
     ) -> Rpc<proto::StartSagaResponse> {
         let who = self.allowed(&r, Need::Start)?;
+        self.rate(&who)?;
         Ok(Response::new(self.start(r.into_inner(), &who).await?))
     }
 
@@ -496,6 +536,15 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn wait_saga(&self, r: Request<proto::WaitSagaRequest>) -> Rpc<proto::WaitSagaResponse> {
         let who = self.caller(&r)?;
+        let _waiting = self.waits.clone().try_acquire_owned().map_err(|_| {
+            status::exhausted(
+                format!(
+                    "{} WaitSaga calls are waiting already (--waits-max)",
+                    self.cfg.waits_max
+                ),
+                Duration::from_secs(1),
+            )
+        })?;
         let r = r.into_inner();
         let run = async {
             self.check_read(&who, SagaId::parse("saga_id", &r.saga_id)?)

@@ -32,6 +32,17 @@ impl From<OpsError> for Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED with a retry delay: in the message, and as
+/// `grpc-retry-pushback-ms` (what gRPC clients' retry policies read).
+pub fn exhausted(message: String, wait: std::time::Duration) -> Status {
+    let ms = wait.as_millis().max(1);
+    let mut s = Status::resource_exhausted(format!("{message}; retry in {ms} ms"));
+    if let Ok(v) = ms.to_string().parse() {
+        s.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    s
+}
+
 /// The status for refused credentials: none or not accepted is
 /// UNAUTHENTICATED, a known principal without the role PERMISSION_DENIED.
 impl From<AuthError> for Status {

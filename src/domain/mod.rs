@@ -36,11 +36,13 @@ macro_rules! string_enum {
 }
 
 mod definition;
+mod json;
 mod machine;
 pub mod retry;
 mod saga;
 
 pub use definition::*;
+pub use json::*;
 pub use machine::*;
 pub use saga::*;
 

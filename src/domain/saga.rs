@@ -12,12 +12,21 @@ impl SagaId {
     /// Parses a saga id given in `field` (the one parser for every edge).
     /// Bad input is named by its field, and not echoed whole: an id longer
     /// than a UUID is cut in the message.
+    /// The nil UUID is refused: it is no saga's id (sagad uses it as a
+    /// signal inside).
     pub fn parse(field: &str, s: &str) -> Result<SagaId, crate::domain::ValidationError> {
-        Uuid::parse_str(s).map(SagaId).map_err(|_| {
+        let id = Uuid::parse_str(s).map_err(|_| {
             let shown: String = s.chars().take(40).collect();
             let more = if shown.len() < s.len() { "…" } else { "" };
             crate::domain::ValidationError::new(field, format!("{shown:?}{more} is not a UUID"))
-        })
+        })?;
+        if id.is_nil() {
+            return Err(crate::domain::ValidationError::new(
+                field,
+                "the nil UUID is not a saga id",
+            ));
+        }
+        Ok(SagaId(id))
     }
 }
 

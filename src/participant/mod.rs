@@ -39,8 +39,8 @@ pub struct CallerConfig {
     pub discovery_cache: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// Largest accepted output (bytes).
-    pub payload_bytes_max: usize,
+    /// Largest and deepest accepted output.
+    pub json: crate::domain::JsonLimits,
     /// TLS towards `https://` endpoints: the CA to verify them with (else
     /// the system's roots) and sagad's client certificate, if any.
     pub tls: ClientTlsConfig,
@@ -163,9 +163,7 @@ impl Participants {
                 }
                 classify_status(&status)
             }
-            Some(Ok(response)) => {
-                classify_response(response.into_inner(), self.cfg.payload_bytes_max)
-            }
+            Some(Ok(response)) => classify_response(response.into_inner(), &self.cfg.json),
         }
     }
 
@@ -273,7 +271,7 @@ impl Participants {
         }
         let channel = channel.connect_lazy();
         let client = ParticipantServiceClient::new(channel)
-            .max_decoding_message_size(self.cfg.payload_bytes_max.saturating_mul(2).max(4 << 20));
+            .max_decoding_message_size(self.cfg.json.bytes_max.saturating_mul(2).max(4 << 20));
         clients.insert(endpoint.to_owned(), client.clone());
         Ok(client)
     }
@@ -424,21 +422,15 @@ pub fn classify_status(status: &Status) -> CallResult {
 }
 
 /// DESIGN.md's table for answers that arrived.
-pub fn classify_response(r: proto::InvokeResponse, payload_bytes_max: usize) -> CallResult {
+pub fn classify_response(r: proto::InvokeResponse, json: &crate::domain::JsonLimits) -> CallResult {
     match proto::Outcome::try_from(r.outcome) {
         Ok(proto::Outcome::Succeeded) => {
             if r.output_json.is_empty() {
                 return CallResult::Succeeded(None);
             }
-            if r.output_json.len() > payload_bytes_max {
-                return CallResult::Misconfigured(format!(
-                    "output_json is {} bytes; the limit is {payload_bytes_max}",
-                    r.output_json.len()
-                ));
-            }
-            match serde_json::from_str::<serde::de::IgnoredAny>(&r.output_json) {
-                Ok(_) => CallResult::Succeeded(Some(r.output_json)),
-                Err(e) => CallResult::Misconfigured(format!("output_json is not valid JSON: {e}")),
+            match json.check(&r.output_json) {
+                Ok(()) => CallResult::Succeeded(Some(r.output_json)),
+                Err(why) => CallResult::Misconfigured(format!("output_json {why}")),
             }
         }
         Ok(proto::Outcome::Failed) => CallResult::Failed(message_or(&r.error, "refused")),
@@ -522,6 +514,11 @@ mod tests {
         }
     }
 
+    const LIMITS: crate::domain::JsonLimits = crate::domain::JsonLimits {
+        bytes_max: 10,
+        depth_max: 2,
+    };
+
     #[test]
     fn responses_are_checked() {
         let r = |outcome: proto::Outcome, out: &str| proto::InvokeResponse {
@@ -530,31 +527,35 @@ mod tests {
             error: String::new(),
         };
         assert_eq!(
-            classify_response(r(proto::Outcome::Succeeded, ""), 10),
+            classify_response(r(proto::Outcome::Succeeded, ""), &LIMITS),
             CallResult::Succeeded(None)
         );
         assert_eq!(
-            classify_response(r(proto::Outcome::Succeeded, "[1]"), 10),
+            classify_response(r(proto::Outcome::Succeeded, "[1]"), &LIMITS),
             CallResult::Succeeded(Some("[1]".into()))
         );
         assert!(matches!(
-            classify_response(r(proto::Outcome::Succeeded, "{"), 10),
+            classify_response(r(proto::Outcome::Succeeded, "{"), &LIMITS),
             CallResult::Misconfigured(_)
         ));
         assert!(matches!(
-            classify_response(r(proto::Outcome::Succeeded, "[1,2,3,4,5,6]"), 10),
+            classify_response(r(proto::Outcome::Succeeded, "[1,2,3,4,5,6]"), &LIMITS),
             CallResult::Misconfigured(_)
         ));
         assert!(matches!(
-            classify_response(r(proto::Outcome::Unspecified, ""), 10),
+            classify_response(r(proto::Outcome::Succeeded, "[[[1]]]"), &LIMITS),
+            CallResult::Misconfigured(m) if m.contains("nests deeper")
+        ));
+        assert!(matches!(
+            classify_response(r(proto::Outcome::Unspecified, ""), &LIMITS),
             CallResult::Misconfigured(_)
         ));
         assert_eq!(
-            classify_response(r(proto::Outcome::Failed, ""), 10),
+            classify_response(r(proto::Outcome::Failed, ""), &LIMITS),
             CallResult::Failed("refused".into())
         );
         assert!(matches!(
-            classify_response(r(proto::Outcome::Retry, ""), 10),
+            classify_response(r(proto::Outcome::Retry, ""), &LIMITS),
             CallResult::Retry(_)
         ));
     }

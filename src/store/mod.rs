@@ -117,6 +117,9 @@ pub struct SagaQuery {
     pub after: Option<(DateTime<Utc>, Uuid)>,
     /// Only sagas this principal started (a client's own listing).
     pub started_by: Option<String>,
+    /// Stop the page once its sagas' inputs and step states hold this many
+    /// bytes (at least one saga is returned); `None`: no budget.
+    pub bytes_max: Option<usize>,
 }
 
 /// "Stuck" (DESIGN.md): SUSPENDED, or not settled and no progress for

@@ -118,6 +118,20 @@ pub fn saga_list_sql() -> String {
     )
 }
 
+/// What a saga weighs in a list answer: its input, outputs and errors.
+fn saga_bytes(s: &crate::domain::Saga) -> usize {
+    let steps: usize = s
+        .steps
+        .iter()
+        .map(|st| {
+            st.output.as_ref().map_or(0, String::len)
+                + st.last_error.as_ref().map_or(0, String::len)
+                + 64
+        })
+        .sum();
+    s.input.len() + s.error.as_ref().map_or(0, String::len) + steps + 256
+}
+
 /// The embedded migrations of `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -345,7 +359,7 @@ impl SagaStore for PgStore {
         };
         let sql = saga_list_sql();
         let limit = i64::from(q.limit.max(1));
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&states)
             .bind(q.definition.as_deref())
             .bind(q.created_before)
@@ -355,19 +369,31 @@ impl SagaStore for PgStore {
             .bind(attempts_min)
             .bind(limit + 1)
             .bind(single)
-            .bind(q.started_by.as_deref())
-            .fetch_all(&self.pool)
-            .await?;
-        let mut sagas = rows
-            .iter()
-            .map(decode_saga)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = if sagas.len() as i64 > limit {
-            sagas.truncate(limit as usize);
-            sagas.last().map(|s| (s.created_at, s.id.0))
-        } else {
-            None
-        };
+            .bind(q.started_by.as_deref());
+        // Rows are read one at a time and the page ends at the byte budget,
+        // so a page of large inputs never sits in memory whole.
+        let mut rows = query.fetch(&self.pool);
+        let (mut sagas, mut bytes) = (Vec::new(), 0usize);
+        let mut full = false;
+        while let Some(row) = tokio_stream::StreamExt::next(&mut rows).await {
+            if sagas.len() as i64 == limit {
+                full = true;
+                break;
+            }
+            let saga = decode_saga(&row?)?;
+            bytes += saga_bytes(&saga);
+            sagas.push(saga);
+            if q.bytes_max.is_some_and(|max| bytes >= max) {
+                full = true;
+                break;
+            }
+        }
+        drop(rows);
+        // `full` with rows left: a next page (a budget that ends exactly at
+        // the last row gives one empty page more, which is harmless).
+        let next = full
+            .then(|| sagas.last().map(|s| (s.created_at, s.id.0)))
+            .flatten();
         Ok(SagaPage { sagas, next })
     }
 
