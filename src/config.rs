@@ -38,6 +38,10 @@ pub struct Config {
     /// call and admin request need a credential.
     #[arg(long, env = "SAGAD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The admin token, read from this file (out of the process list);
+    /// reloaded on SIGHUP.
+    #[arg(long, env = "SAGAD_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
     /// YAML file of principals: `principals: [{name, token_sha256,
     /// cert_subject, roles}]`. Reloaded on SIGHUP.
     #[arg(long, env = "SAGAD_AUTH_FILE")]
@@ -314,6 +318,7 @@ impl Config {
                 leeway_secs: self.jwt_leeway_secs,
             },
             admin_token: self.admin_token.clone(),
+            admin_token_file: self.admin_token_file.clone(),
         }
     }
 

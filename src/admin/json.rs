@@ -293,3 +293,33 @@ pub(super) async fn act(
     let (saga, def) = st.ops.operator(id, kind, &actor, &body.note).await?;
     Ok(Json(saga_json(&saga, &def)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Filters;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The list filters (query string of the page and the API): no
+        /// panic, and a refusal names one of the parameters.
+        #[test]
+        fn fuzz_list_filters(
+            pairs in prop::collection::vec(
+                (prop_oneof![
+                    Just("state"), Just("definition"), Just("min_age_secs"),
+                    Just("stuck"), Just("page_size"), Just("page_token"), Just("other")
+                ], "\\PC{0,30}|[0-9]{1,25}"),
+                0..6,
+            )
+        ) {
+            let map = pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+            match Filters::parse(&map, 50, 500) {
+                Ok(f) => prop_assert!(f.page_size >= 1 && f.page_size <= 500),
+                Err(e) => prop_assert!(
+                    ["state", "definition", "min_age_secs", "stuck", "page_size"].contains(&e.field.as_str()),
+                    "{e}"
+                ),
+            }
+        }
+    }
+}

@@ -251,12 +251,17 @@ pub struct AuthConfig {
     pub jwt: JwtRules,
     /// `--admin-token`: one principal `admin` with role `admin`.
     pub admin_token: Option<String>,
+    /// `--admin-token-file`: the same, read from a file.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl AuthConfig {
     /// Whether any source of principals is configured.
     pub fn enabled(&self) -> bool {
-        self.auth_file.is_some() || self.jwt_key.is_some() || self.admin_token.is_some()
+        self.auth_file.is_some()
+            || self.jwt_key.is_some()
+            || self.admin_token.is_some()
+            || self.admin_token_file.is_some()
     }
 }
 
@@ -382,7 +387,20 @@ fn load(cfg: &AuthConfig) -> Result<Keys, String> {
         keys.by_token = p.by_token;
         keys.by_subject = p.by_subject;
     }
-    if let Some(token) = &cfg.admin_token {
+    let from_file = match &cfg.admin_token_file {
+        Some(path) => {
+            let token = read_private(path)?.trim().to_owned();
+            if token.len() < 16 {
+                return Err(format!(
+                    "{}: the admin token must be at least 16 characters",
+                    path.display()
+                ));
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    if let Some(token) = cfg.admin_token.as_ref().or(from_file.as_ref()) {
         let admin = Arc::new(Principal::named("admin".into(), vec![Role::Admin]));
         keys.by_token.insert(sha256(token.as_bytes()), admin);
     }

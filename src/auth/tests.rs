@@ -185,3 +185,27 @@ fn certificate_subjects_render_in_order() {
         "CN=bank-a,O=Example"
     );
 }
+
+#[test]
+fn the_admin_token_can_come_from_a_file() {
+    let d = dir();
+    let file = d.join("admin.token");
+    std::fs::write(&file, "file-admin-token-0123456789\n").expect("write");
+    let auth = Authenticator::new(AuthConfig {
+        admin_token_file: Some(file.clone()),
+        ..AuthConfig::default()
+    })
+    .expect("loads");
+    assert!(auth.enabled());
+    let who = auth
+        .authenticate(Some("Bearer file-admin-token-0123456789"), None)
+        .expect("admin");
+    assert_eq!(who.name, "admin");
+    std::fs::write(&file, "short").expect("write");
+    let err = auth.reload().expect_err("too short");
+    assert!(
+        err.contains("at least 16") && !err.contains("short"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(d).ok();
+}
