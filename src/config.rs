@@ -137,9 +137,10 @@ pub struct Config {
     /// Most rows of a saga list; larger requests are capped.
     #[arg(long, env = "SAGAD_LIST_PAGE_ROWS_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub list_page_rows_max: u32,
-    /// A saga list ends once its sagas' inputs and outputs reach this many
-    /// bytes (the page is shorter; its token continues it).
-    #[arg(long, env = "SAGAD_LIST_PAGE_BYTES_MAX", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    /// A saga list page holds sagas (inputs, outputs) of at most this many
+    /// bytes (the page is shorter; its token continues it). The default
+    /// keeps answers under gRPC clients' usual 4 MiB receive limit.
+    #[arg(long, env = "SAGAD_LIST_PAGE_BYTES_MAX", default_value_t = 3 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     pub list_page_bytes_max: u64,
     /// Most WaitSaga calls waiting at once in this process; more are
     /// answered RESOURCE_EXHAUSTED.

@@ -231,8 +231,8 @@ async fn list_answers_stay_within_their_byte_budget() {
             .into_inner();
         let bytes = prost::Message::encoded_len(&page);
         assert!(
-            bytes <= (1 << 20) + (450 << 10),
-            "page {pages} is {bytes} bytes for a budget of 1 MiB (+ one saga: input and echoed output)"
+            bytes <= (1 << 20) + (16 << 10) || page.sagas.len() == 1,
+            "page {pages} is {bytes} bytes for a budget of 1 MiB"
         );
         pages += 1;
         for s in page.sagas {
@@ -250,7 +250,7 @@ async fn list_answers_stay_within_their_byte_budget() {
     let r = http(coord.admin, "GET", "/api/sagas?page_size=500", &[], "").await;
     assert_eq!(r.status, 200);
     assert!(
-        r.body.len() <= (1 << 20) + (250 << 10),
+        r.body.len() <= (1 << 20) + (64 << 10),
         "{} bytes",
         r.body.len()
     );

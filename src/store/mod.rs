@@ -117,8 +117,8 @@ pub struct SagaQuery {
     pub after: Option<(DateTime<Utc>, Uuid)>,
     /// Only sagas this principal started (a client's own listing).
     pub started_by: Option<String>,
-    /// Stop the page once its sagas' inputs and step states hold this many
-    /// bytes (at least one saga is returned); `None`: no budget.
+    /// Keep a page's sagas (inputs, outputs, errors) within this many
+    /// bytes; a first saga is returned however large; `None`: no budget.
     pub bytes_max: Option<usize>,
 }
 

@@ -381,16 +381,17 @@ impl SagaStore for PgStore {
                 break;
             }
             let saga = decode_saga(&row?)?;
-            bytes += saga_bytes(&saga);
-            sagas.push(saga);
-            if q.bytes_max.is_some_and(|max| bytes >= max) {
+            let weight = saga_bytes(&saga);
+            // The first saga always goes in, however large; the others
+            // only while the page stays within the budget.
+            if !sagas.is_empty() && q.bytes_max.is_some_and(|max| bytes + weight > max) {
                 full = true;
                 break;
             }
+            bytes += weight;
+            sagas.push(saga);
         }
         drop(rows);
-        // `full` with rows left: a next page (a budget that ends exactly at
-        // the last row gives one empty page more, which is harmless).
         let next = full
             .then(|| sagas.last().map(|s| (s.created_at, s.id.0)))
             .flatten();

@@ -77,6 +77,10 @@ pub struct Args {
     /// Skip the raw commit ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,
+    /// Instead of the throughput levels: write this many sagas with 1 MiB
+    /// inputs and measure sagad's memory while 8 callers list them all.
+    #[arg(long, conflicts_with = "sagad")]
+    pub list_memory: Option<u32>,
     /// Most sagas per level, whatever the duration.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_sagas: u64,
@@ -247,7 +251,7 @@ impl ParticipantService for Bench {
     }
 }
 
-struct Sagad {
+pub(crate) struct Sagad {
     child: Option<std::process::Child>,
     /// The child's name as /proc shows it (at most 15 bytes), which guards
     /// against reading another process that reused its PID.
@@ -469,13 +473,13 @@ fn rand_bytes() -> anyhow::Result<[u8; 32]> {
 }
 
 /// A gRPC client sending the run's credential (if any) with every call.
-type Client = CoordinatorServiceClient<
+pub(crate) type Client = CoordinatorServiceClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
 /// Adds `authorization` to every call.
 #[derive(Clone)]
-struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -487,11 +491,16 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 impl Sagad {
+    /// The PID of the sagad saga-bench started, if it did.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     fn bearer(&self) -> Option<&str> {
         self.auth.as_ref().map(|(b, _)| b.as_str())
     }
 
-    fn client(&self, channel: tonic::transport::Channel) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self, channel: tonic::transport::Channel) -> anyhow::Result<Client> {
         let value = self.bearer().map(str::parse).transpose()?;
         Ok(CoordinatorServiceClient::with_interceptor(
             channel,
@@ -636,6 +645,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }),
         })
         .await?;
+    if let Some(n) = args.list_memory {
+        return crate::list_memory::run(&sagad, &pool, channel, &name, args.steps, n).await;
+    }
 
     if args.warmup_secs > 0.0 {
         let warm = Args {

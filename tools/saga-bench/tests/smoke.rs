@@ -96,3 +96,24 @@ async fn saga_bench_runs_over_tls_with_a_jwt() {
     assert!(level["sagas"].as_u64().unwrap() > 0, "{level}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[tokio::test]
+async fn saga_bench_measures_the_memory_of_listing_large_sagas() {
+    let db = common::TestDb::new().await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
+    cmd.args(["--database-url", &db.url, "--list-memory", "12"])
+        .arg("--sagad-bin")
+        .arg(sagad_bin());
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("each caller read 12 sagas"), "{stdout}");
+    assert!(stdout.contains("resident memory"), "{stdout}");
+}

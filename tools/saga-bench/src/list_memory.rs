@@ -1,0 +1,127 @@
+//! `--list-memory N`: what listing large sagas costs `sagad` in memory.
+//! N sagas with 1 MiB inputs are written straight into its database, then
+//! 8 callers page through all of them at once (`ListSagas`, 500 rows asked
+//! per page); `sagad`'s resident memory is sampled from /proc meanwhile.
+//! The byte budget of a page (`--list-page-bytes-max`) is what keeps this
+//! bounded; this prints the figures, it asserts nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use saga_proto as proto;
+use sqlx::PgPool;
+
+use crate::bench::Sagad;
+
+/// Callers paging at once.
+const CALLERS: usize = 8;
+/// Bytes of each saga's input.
+const INPUT_BYTES: i32 = 1 << 20;
+
+/// Resident and peak resident memory of `pid` (KiB), from /proc.
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Runs the measurement (see the module documentation).
+pub(crate) async fn run(
+    sagad: &Sagad,
+    pool: &PgPool,
+    channel: tonic::transport::Channel,
+    definition: &str,
+    steps: u32,
+    sagas: u32,
+) -> anyhow::Result<()> {
+    let pid = sagad.pid().ok_or_else(|| {
+        anyhow!("--list-memory measures the sagad saga-bench starts (not --sagad)")
+    })?;
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO sagas (saga_id, definition, version, state, input, steps)
+         SELECT gen_random_uuid(), $1, 1, 'COMPLETED', '\"' || repeat('x', $2 - 2) || '\"',
+                (SELECT jsonb_agg('{\"state\": \"SUCCEEDED\"}'::jsonb) FROM generate_series(1, $3))
+         FROM generate_series(1, $4)",
+    )
+    .bind(definition)
+    .bind(INPUT_BYTES)
+    .bind(steps as i32)
+    .bind(sagas as i32)
+    .execute(pool)
+    .await
+    .context("writing the sagas")?;
+    println!(
+        "list-memory: {sagas} sagas with {} KiB inputs written in {:.1} s; {CALLERS} callers page through all of them",
+        INPUT_BYTES / 1024,
+        started.elapsed().as_secs_f64()
+    );
+    let (before, _) = rss_kib(pid).ok_or_else(|| anyhow!("cannot read /proc/{pid}/status"))?;
+    let peak = Arc::new(AtomicU64::new(before));
+    let done = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        tokio::spawn(async move {
+            while done.load(Ordering::Relaxed) == 0 {
+                if let Some((now, _)) = rss_kib(pid) {
+                    peak.fetch_max(now, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let mut callers = Vec::new();
+    for _ in 0..CALLERS {
+        let mut client = sagad.client(channel.clone())?;
+        callers.push(tokio::spawn(async move {
+            let (mut token, mut pages, mut seen, mut biggest) =
+                (String::new(), 0u32, 0usize, 0usize);
+            loop {
+                let page = client
+                    .list_sagas(proto::ListSagasRequest {
+                        page_size: 500,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                pages += 1;
+                seen += page.sagas.len();
+                biggest = biggest.max(prost::Message::encoded_len(&page));
+                if page.next_page_token.is_empty() || pages > 100_000 {
+                    return Ok::<_, anyhow::Error>((pages, seen, biggest));
+                }
+                token = page.next_page_token;
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for c in callers {
+        results.push(c.await??);
+    }
+    done.store(1, Ordering::Relaxed);
+    let _ = sampler.await;
+    let (pages, seen, biggest) = results[0];
+    let (_, hwm) = rss_kib(pid).unwrap_or((0, 0));
+    println!(
+        "list-memory: each caller read {seen} sagas in {pages} pages (largest answer {:.1} MiB) in {:.1} s",
+        biggest as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "list-memory: sagad resident memory {:.0} MiB before, {:.0} MiB at the sampled peak; high-water mark since start {:.0} MiB",
+        before as f64 / 1024.0,
+        peak.load(Ordering::Relaxed) as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    Ok(())
+}
