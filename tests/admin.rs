@@ -635,6 +635,7 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
             .bind(51i64)
             .bind(single)
             .bind(by)
+            .bind(Some(3i64 << 20))
             .fetch_one(&pool)
             .await
             .unwrap()

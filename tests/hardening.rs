@@ -255,6 +255,30 @@ async fn list_answers_stay_within_their_byte_budget() {
         r.body.len()
     );
     assert!(r.json()["next_page_token"].is_string());
+
+    // The issue's case: 500 sagas with 1 MiB inputs (written straight into
+    // the table), one page of 500 asked for.
+    sqlx::query(
+        "INSERT INTO sagas (saga_id, definition, version, state, input, steps)
+         SELECT gen_random_uuid(), 'big', 1, 'COMPLETED', '\"' || repeat('y', 1048574) || '\"',
+                '[{\"state\": \"SUCCEEDED\"}]'
+         FROM generate_series(1, 500)",
+    )
+    .execute(&db.pool().await)
+    .await
+    .unwrap();
+    let page = c
+        .list_sagas(proto::ListSagasRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = prost::Message::encoded_len(&page);
+    assert!(bytes <= (1 << 20) + (16 << 10), "{bytes} bytes");
+    assert_eq!(page.sagas.len(), 1, "one 1 MiB saga fills a 1 MiB page");
+    assert!(!page.next_page_token.is_empty());
 }
 
 #[tokio::test]

@@ -230,6 +230,11 @@ async fn no_secret_reaches_the_log_an_error_metrics_or_a_page() {
         "the whole log was read"
     );
     assert!(seen.iter().any(|l| l.contains("DEBUG")), "at debug level");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("auth.yaml") && l.contains("readable by every user")),
+        "a world-readable auth file is warned of"
+    );
 
     let key_body: String = server.key.lines().nth(1).unwrap().to_owned();
     let secrets = [

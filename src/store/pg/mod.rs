@@ -99,9 +99,32 @@ pub const SAGA_COUNTS_SQL: &str = "
         LIMIT $4) t";
 
 /// `saga_list`'s statement. Public for the query-plan test.
+///
+/// The page is cut at its byte budget (`$11`) inside PostgreSQL: each row's
+/// weight comes from sizes the table already knows (`octet_length` of a
+/// TOASTed input and `pg_column_size` read its header, not the value), so
+/// the inputs of rows past the budget are never read or sent. `page_rows`
+/// (rows under the row limit) tells the caller whether more follow.
 pub fn saga_list_sql() -> String {
     format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas s
+        "SELECT * FROM (
+           SELECT {SAGA_COLUMNS},
+                  sum(w.bytes) OVER (ORDER BY s.created_at DESC, s.saga_id DESC
+                                     ROWS UNBOUNDED PRECEDING) AS page_bytes,
+                  w.bytes AS row_bytes,
+                  count(*) OVER () AS page_rows
+           FROM ({}) s,
+                LATERAL (SELECT octet_length(s.input)::bigint + pg_column_size(s.steps) + 256 AS bytes) w
+         ) t
+         WHERE $11::bigint IS NULL OR page_bytes = row_bytes OR page_bytes <= $11
+         ORDER BY created_at DESC, saga_id DESC",
+        saga_list_rows_sql()
+    )
+}
+
+/// The rows of a saga list page, before the byte budget.
+fn saga_list_rows_sql() -> &'static str {
+    "SELECT * FROM sagas
          WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
            AND ($9::text IS NULL OR state = $9)
            AND ($2::text IS NULL OR definition = $2)
@@ -115,7 +138,6 @@ pub fn saga_list_sql() -> String {
                          OR current_attempts >= $7)))
          ORDER BY created_at DESC, saga_id DESC
          LIMIT $8"
-    )
 }
 
 /// What a saga weighs in a list answer: its input, outputs and errors.
@@ -369,29 +391,32 @@ impl SagaStore for PgStore {
             .bind(attempts_min)
             .bind(limit + 1)
             .bind(single)
-            .bind(q.started_by.as_deref());
+            .bind(q.started_by.as_deref())
+            .bind(q.bytes_max.map(|b| i64::try_from(b).unwrap_or(i64::MAX)));
         // Rows are read one at a time and the page ends at the byte budget,
         // so a page of large inputs never sits in memory whole.
         let mut rows = query.fetch(&self.pool);
-        let (mut sagas, mut bytes) = (Vec::new(), 0usize);
-        let mut full = false;
+        let (mut sagas, mut bytes, mut page_rows) = (Vec::new(), 0usize, 0i64);
         while let Some(row) = tokio_stream::StreamExt::next(&mut rows).await {
+            let row = row?;
+            page_rows = row.try_get("page_rows")?;
             if sagas.len() as i64 == limit {
-                full = true;
                 break;
             }
-            let saga = decode_saga(&row?)?;
+            let saga = decode_saga(&row)?;
             let weight = saga_bytes(&saga);
             // The first saga always goes in, however large; the others
             // only while the page stays within the budget.
             if !sagas.is_empty() && q.bytes_max.is_some_and(|max| bytes + weight > max) {
-                full = true;
                 break;
             }
             bytes += weight;
             sagas.push(saga);
         }
         drop(rows);
+        // Fewer sagas than the rows under the limit: cut by the row limit
+        // or the budget, so another page follows.
+        let full = (sagas.len() as i64) < page_rows;
         let next = full
             .then(|| sagas.last().map(|s| (s.created_at, s.id.0)))
             .flatten();

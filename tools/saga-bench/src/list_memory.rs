@@ -106,17 +106,32 @@ pub(crate) async fn run(
     }
     let mut results = Vec::new();
     for c in callers {
-        results.push(c.await??);
+        results.push(c.await?);
     }
     done.store(1, Ordering::Relaxed);
     let _ = sampler.await;
-    let (pages, seen, biggest) = results[0];
     let (_, hwm) = rss_kib(pid).unwrap_or((0, 0));
-    println!(
-        "list-memory: each caller read {seen} sagas in {pages} pages (largest answer {:.1} MiB) in {:.1} s",
-        biggest as f64 / (1 << 20) as f64,
-        t0.elapsed().as_secs_f64()
-    );
+    // A coordinator without a byte budget may fail the calls (an answer
+    // over its encoder's limit); the memory it took is the figure then.
+    match results.iter().find_map(|r| r.as_ref().ok()) {
+        Some((pages, seen, biggest)) => println!(
+            "list-memory: each caller read {seen} sagas in {pages} pages (largest answer {:.1} MiB) in {:.1} s",
+            *biggest as f64 / (1 << 20) as f64,
+            t0.elapsed().as_secs_f64()
+        ),
+        None => println!(
+            "list-memory: every caller failed after {:.1} s: {}",
+            t0.elapsed().as_secs_f64(),
+            results
+                .iter()
+                .find_map(|r| r.as_ref().err())
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+                .chars()
+                .take(160)
+                .collect::<String>()
+        ),
+    }
     println!(
         "list-memory: sagad resident memory {:.0} MiB before, {:.0} MiB at the sampled peak; high-water mark since start {:.0} MiB",
         before as f64 / 1024.0,
