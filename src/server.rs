@@ -349,16 +349,7 @@ impl Parts {
             pool,
             metrics.clone(),
             auth.clone(),
-            AdminConfig {
-                stuck,
-                page_rows_default: cfg.list_page_rows_default,
-                page_rows_max: cfg.list_page_rows_max,
-                readyz_timeout: Duration::from_millis(cfg.readyz_timeout_ms),
-                page_bytes_max: usize::try_from(cfg.list_page_bytes_max).unwrap_or(usize::MAX),
-                body_bytes_max: usize::try_from(cfg.admin_body_bytes_max).unwrap_or(usize::MAX),
-                header_timeout: Duration::from_millis(cfg.admin_header_timeout_ms),
-                auth_failures_per_minute: cfg.admin_auth_failures_per_minute,
-            },
+            admin_config(cfg, stuck),
         );
         let notices = usize::try_from(cfg.wait_notices_max).unwrap_or(usize::MAX);
         let (settled, _) = broadcast::channel(notices);
@@ -379,6 +370,19 @@ impl Parts {
             settled,
             abandon,
         })
+    }
+}
+
+fn admin_config(cfg: &Config, stuck: StuckRule) -> AdminConfig {
+    AdminConfig {
+        stuck,
+        page_rows_default: cfg.list_page_rows_default,
+        page_rows_max: cfg.list_page_rows_max,
+        readyz_timeout: Duration::from_millis(cfg.readyz_timeout_ms),
+        page_bytes_max: usize::try_from(cfg.list_page_bytes_max).unwrap_or(usize::MAX),
+        body_bytes_max: usize::try_from(cfg.admin_body_bytes_max).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_millis(cfg.admin_header_timeout_ms),
+        auth_failures_per_minute: cfg.admin_auth_failures_per_minute,
     }
 }
 

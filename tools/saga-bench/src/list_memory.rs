@@ -33,19 +33,13 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// Runs the measurement (see the module documentation).
-pub(crate) async fn run(
-    sagad: &Sagad,
+/// Writes `sagas` completed sagas with [`INPUT_BYTES`] inputs.
+async fn write_sagas(
     pool: &PgPool,
-    channel: tonic::transport::Channel,
     definition: &str,
     steps: u32,
     sagas: u32,
 ) -> anyhow::Result<()> {
-    let pid = sagad.pid().ok_or_else(|| {
-        anyhow!("--list-memory measures the sagad saga-bench starts (not --sagad)")
-    })?;
-    let started = Instant::now();
     sqlx::query(
         "INSERT INTO sagas (saga_id, definition, version, state, input, steps)
          SELECT gen_random_uuid(), $1, 1, 'COMPLETED', '\"' || repeat('x', $2 - 2) || '\"',
@@ -59,6 +53,45 @@ pub(crate) async fn run(
     .execute(pool)
     .await
     .context("writing the sagas")?;
+    Ok(())
+}
+
+/// Pages through every saga; the pages, the sagas and the largest answer.
+async fn page_through(mut client: crate::bench::Client) -> anyhow::Result<(u32, usize, usize)> {
+    let (mut token, mut pages, mut seen, mut biggest) = (String::new(), 0u32, 0usize, 0usize);
+    loop {
+        let page = client
+            .list_sagas(proto::ListSagasRequest {
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        pages += 1;
+        seen += page.sagas.len();
+        biggest = biggest.max(prost::Message::encoded_len(&page));
+        if page.next_page_token.is_empty() || pages > 100_000 {
+            return Ok((pages, seen, biggest));
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Runs the measurement (see the module documentation).
+pub(crate) async fn run(
+    sagad: &Sagad,
+    pool: &PgPool,
+    channel: tonic::transport::Channel,
+    definition: &str,
+    steps: u32,
+    sagas: u32,
+) -> anyhow::Result<()> {
+    let pid = sagad.pid().ok_or_else(|| {
+        anyhow!("--list-memory measures the sagad saga-bench starts (not --sagad)")
+    })?;
+    let started = Instant::now();
+    write_sagas(pool, definition, steps, sagas).await?;
     println!(
         "list-memory: {sagas} sagas with {} KiB inputs written in {:.1} s; {CALLERS} callers page through all of them",
         INPUT_BYTES / 1024,
@@ -79,31 +112,9 @@ pub(crate) async fn run(
         })
     };
     let t0 = Instant::now();
-    let mut callers = Vec::new();
-    for _ in 0..CALLERS {
-        let mut client = sagad.client(channel.clone())?;
-        callers.push(tokio::spawn(async move {
-            let (mut token, mut pages, mut seen, mut biggest) =
-                (String::new(), 0u32, 0usize, 0usize);
-            loop {
-                let page = client
-                    .list_sagas(proto::ListSagasRequest {
-                        page_size: 500,
-                        page_token: token,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                pages += 1;
-                seen += page.sagas.len();
-                biggest = biggest.max(prost::Message::encoded_len(&page));
-                if page.next_page_token.is_empty() || pages > 100_000 {
-                    return Ok::<_, anyhow::Error>((pages, seen, biggest));
-                }
-                token = page.next_page_token;
-            }
-        }));
-    }
+    let callers = (0..CALLERS)
+        .map(|_| Ok(tokio::spawn(page_through(sagad.client(channel.clone())?))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = Vec::new();
     for c in callers {
         results.push(c.await?);
