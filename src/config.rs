@@ -12,6 +12,15 @@ use clap::Parser;
 /// timestamps, metadata).
 const GRPC_ENVELOPE_BYTES: usize = 1 << 20;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The default database: a local PostgreSQL, database `sagad`.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/sagad";
 
@@ -23,6 +32,10 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/sagad
     about = "The saga coordinator: keeps multi-service updates consistent"
 )]
 pub struct Config {
+    /// Log lines as text, or as one JSON object per line (the event's fields
+    /// at the top level; the saga's `saga_id` and `epoch` under `span`).
+    #[arg(long, env = "SAGAD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// PostgreSQL URL; the database is created if it does not exist and the
     /// role may create it.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]

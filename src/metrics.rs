@@ -20,17 +20,39 @@ const BUCKETS: [f64; 15] = [
     10.0,
 ];
 
-#[derive(Debug, Default)]
+/// Upper bounds of the start-to-settle buckets, in seconds: from a few
+/// milliseconds (a quick saga) to an hour (one that waited out retries).
+const SETTLE_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 900.0, 3_600.0,
+];
+
+#[derive(Debug)]
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&BUCKETS)
+    }
+}
+
 impl Histogram {
+    fn with_bounds(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
     fn observe(&mut self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
+        for (i, le) in self.bounds.iter().enumerate() {
             if secs <= *le {
                 self.counts[i] += 1;
             }
@@ -42,7 +64,7 @@ impl Histogram {
     /// The `_bucket`, `_sum` and `_count` lines of `name{labels}`.
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
-        for (i, le) in BUCKETS.iter().enumerate() {
+        for (i, le) in self.bounds.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
@@ -123,7 +145,31 @@ pub struct Metrics {
     resolved: AtomicU64,
     /// Keyed by (participant, phase, outcome).
     steps: Mutex<BTreeMap<(String, &'static str, &'static str), Histogram>>,
+    /// Start to settle, by definition.
+    settle: Mutex<BTreeMap<String, Histogram>>,
+    takeovers: AtomicU64,
+    leases_lost: AtomicU64,
+    calls_in_flight: AtomicU64,
     db_writes: Option<std::sync::Arc<DbWrites>>,
+}
+
+/// Counts of sagas in the database, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Default)]
+pub struct StateCounts {
+    /// By state (settled states over the admin window), each capped.
+    pub by_state: Vec<(SagaState, i64)>,
+    /// Stuck sagas, capped.
+    pub stuck: i64,
+}
+
+/// A participant call in flight, counted until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The label of a call's outcome.
@@ -163,6 +209,32 @@ impl Metrics {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A saga of `definition` settled `elapsed` after it was started.
+    pub fn saga_settle_time(&self, definition: &str, elapsed: Duration) {
+        let mut all = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(definition.to_owned())
+            .or_insert_with(|| Histogram::with_bounds(&SETTLE_BUCKETS))
+            .observe(elapsed);
+    }
+
+    /// This process took over a saga another coordinator had not given
+    /// back (its lease expired).
+    pub fn lease_takeover(&self) {
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write found that another coordinator or an operator had taken the
+    /// saga (its epoch moved on).
+    pub fn lease_lost(&self) {
+        self.leases_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A participant call starts; it is counted until the guard drops.
+    pub fn call_started(&self) -> InFlight<'_> {
+        self.calls_in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.calls_in_flight)
+    }
+
     /// A participant call returned after `elapsed`.
     pub fn step_attempt(
         &self,
@@ -180,9 +252,14 @@ impl Metrics {
         steps.entry(key).or_default().observe(elapsed);
     }
 
-    /// The text exposition format.
-    pub fn render(&self) -> String {
+    /// The text exposition format, with `counts` (read from the database
+    /// by the caller) as gauges when given.
+    pub fn render(&self, counts: Option<&StateCounts>) -> String {
         let mut out = String::new();
+        if let Some(c) = counts {
+            render_counts(&mut out, c);
+        }
+        self.render_leases(&mut out);
         let counters = [
             (
                 "sagad_sagas_started_total",
@@ -230,11 +307,53 @@ impl Metrics {
             h.render(&mut out, "sagad_step_duration_seconds", &labels);
         }
         drop(steps);
+        let settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "# HELP sagad_saga_settle_seconds Time from start to a settled state (COMPLETED, COMPENSATED, SUSPENDED, RESOLVED), by definition, for sagas settled here.");
+        let _ = writeln!(out, "# TYPE sagad_saga_settle_seconds histogram");
+        for (d, h) in settle.iter() {
+            h.render(
+                &mut out,
+                "sagad_saga_settle_seconds",
+                &format!("definition=\"{d}\""),
+            );
+        }
+        drop(settle);
         if let Some(w) = &self.db_writes {
             w.render(&mut out);
         }
         out
     }
+}
+
+impl Metrics {
+    fn render_leases(&self, out: &mut String) {
+        let rows = [
+            ("sagad_lease_takeovers_total", "counter", "Sagas this coordinator took over after another's lease expired.", self.takeovers.load(Ordering::Relaxed)),
+            ("sagad_leases_lost_total", "counter", "Sagas this coordinator dropped because another coordinator or an operator took them.", self.leases_lost.load(Ordering::Relaxed)),
+            ("sagad_participant_calls_in_flight", "gauge", "Participant calls waiting for an answer.", self.calls_in_flight.load(Ordering::Relaxed)),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
+}
+
+/// The database's saga counts as gauges.
+fn render_counts(out: &mut String, c: &StateCounts) {
+    let _ = writeln!(out, "# HELP sagad_sagas Sagas in the database by state (settled states over the last 24 h), each counted up to 10,000.");
+    let _ = writeln!(out, "# TYPE sagad_sagas gauge");
+    for s in SagaState::ALL {
+        let n = c
+            .by_state
+            .iter()
+            .find(|(x, _)| x == s)
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "sagad_sagas{{state=\"{}\"}} {n}", s.as_str());
+    }
+    let _ = writeln!(out, "# HELP sagad_sagas_stuck Stuck sagas (SUSPENDED, idle past --stuck-after-ms, or at --stuck-attempts), counted up to 10,000.\n# TYPE sagad_sagas_stuck gauge\nsagad_sagas_stuck {}", c.stuck);
 }
 
 #[cfg(test)]
@@ -258,7 +377,29 @@ mod tests {
             &CallResult::Succeeded(None),
             Duration::from_millis(30),
         );
-        let text = m.render();
+        m.lease_takeover();
+        m.saga_settle_time("order", Duration::from_millis(40));
+        let flying = m.call_started();
+        let counts = StateCounts {
+            by_state: vec![(SagaState::Suspended, 2)],
+            stuck: 3,
+        };
+        let text = m.render(Some(&counts));
+        assert!(text.contains("sagad_participant_calls_in_flight 1\n"));
+        drop(flying);
+        assert!(m
+            .render(None)
+            .contains("sagad_participant_calls_in_flight 0\n"));
+        assert!(text.contains("sagad_lease_takeovers_total 1\n"));
+        assert!(text.contains("sagad_leases_lost_total 0\n"));
+        assert!(text.contains("sagad_sagas{state=\"SUSPENDED\"} 2\n"));
+        assert!(text.contains("sagad_sagas{state=\"RUNNING\"} 0\n"));
+        assert!(text.contains("sagad_sagas_stuck 3\n"));
+        assert!(
+            text.contains("sagad_saga_settle_seconds_bucket{definition=\"order\",le=\"0.05\"} 1\n")
+        );
+        assert!(text
+            .contains("sagad_saga_settle_seconds_bucket{definition=\"order\",le=\"0.025\"} 0\n"));
         assert!(text.contains("sagad_sagas_started_total 1\n"));
         assert!(text.contains("sagad_sagas_completed_total 1\n"));
         assert!(text.contains(
@@ -280,7 +421,7 @@ mod tests {
         w.statement(3, Duration::from_micros(400));
         w.statement(1, Duration::from_millis(2));
         assert_eq!(w.counts(), (4, 2));
-        let text = m.render();
+        let text = m.render(None);
         assert!(text.contains("sagad_db_write_requests_total 4\n"));
         assert!(text.contains("sagad_db_write_statements_total 2\n"));
         assert!(text.contains("sagad_db_write_duration_seconds_bucket{le=\"0.0005\"} 1\n"));

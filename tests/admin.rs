@@ -444,6 +444,27 @@ async fn user_text_is_escaped_everywhere() {
     assert!(!r.body.contains("<script>"));
 }
 
+/// `/metrics` answers "how many are stuck, how long do sagas take, is
+/// anything in flight" from a real run.
+#[tokio::test]
+async fn metrics_answer_operators_questions() {
+    let mut e = env(None).await;
+    two_sagas(&mut e, "{}").await;
+    let m = get(&e, "/metrics").await.body;
+    for line in [
+        "sagad_sagas{state=\"SUSPENDED\"} 1\n",
+        "sagad_sagas{state=\"COMPLETED\"} 1\n",
+        "sagad_sagas{state=\"RUNNING\"} 0\n",
+        "sagad_sagas_stuck 1\n",
+        "sagad_saga_settle_seconds_count{definition=\"abc\"} 2\n",
+        "sagad_participant_calls_in_flight 0\n",
+        "sagad_lease_takeovers_total 0\n",
+        "sagad_leases_lost_total 0\n",
+    ] {
+        assert!(m.contains(line), "{line}: {m}");
+    }
+}
+
 #[tokio::test]
 async fn pages_show_counts_stuck_first_and_definitions() {
     let mut e = env(None).await;

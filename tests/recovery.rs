@@ -92,6 +92,11 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
         3,
         "{k:?}"
     );
+    let metrics = http(second.admin, "GET", "/metrics", &[], "").await.body;
+    assert!(
+        metrics.contains("sagad_lease_takeovers_total 1\n"),
+        "the takeover is counted: {metrics}"
+    );
     second.shutdown().await;
 }
 

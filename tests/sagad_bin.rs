@@ -242,3 +242,69 @@ async fn sighup_reloads_the_tls_certificate_for_new_connections() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--log-format json`: every line one JSON object; a saga's lines carry
+/// its id.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_saga_id() {
+    let db = common::TestDb::new().await;
+    let svc = common::Scripted::default();
+    let url = svc.clone().serve().await;
+    let (mut child, before, started, rest) = spawn_started(&[
+        "--database-url",
+        &db.url,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--participant",
+        &format!("svc={url}"),
+    ]);
+    let line: serde_json::Value = serde_json::from_str(&started).unwrap();
+    assert_eq!(line["message"], "sagad started");
+    let grpc = line["grpc_addr"].as_str().unwrap().to_owned();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = common::client_on(channel, None);
+    common::register(
+        &mut c,
+        common::definition("abc", vec![common::step("a", "svc", true, true)]),
+    )
+    .await;
+    svc.script(
+        "a.do",
+        vec![common::Reply::Status(tonic::Code::Unimplemented)],
+    );
+    let saga = common::start(&mut c, "abc", "{}").await;
+    common::wait(&mut c, &saga.saga_id).await;
+    let id = saga.saga_id.clone();
+    // The suspension is logged at info inside the saga's span.
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(l) = rest.recv_timeout(Duration::from_secs(20)) {
+            let done = l.contains(&id);
+            seen.push(l);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    for l in before.iter().chain(&lines) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
+    let suspended: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(suspended["span"]["saga_id"], saga.saga_id, "{suspended}");
+    assert!(suspended["span"]["epoch"].is_number(), "{suspended}");
+}

@@ -451,12 +451,24 @@ async fn gate(
     }
 }
 
+/// `/metrics`: this process's counters, and the database's saga counts
+/// (the admin page's capped counts; left out if the database does not
+/// answer within --readyz-timeout-ms, so a scrape never hangs).
 async fn metrics(
     axum::extract::State(st): axum::extract::State<Arc<AdminState>>,
 ) -> impl IntoResponse {
+    let window = Duration::from_secs(24 * 3_600);
+    let read = st.ops.store.saga_counts(st.cfg.stuck, window);
+    let counts = match tokio::time::timeout(st.cfg.readyz_timeout, read).await {
+        Ok(Ok(c)) => Some(crate::metrics::StateCounts {
+            by_state: c.by_state,
+            stuck: c.stuck,
+        }),
+        _ => None,
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
+        st.metrics.render(counts.as_ref()),
     )
 }
 

@@ -262,6 +262,9 @@ impl Worker {
             let n = claimed.len();
             for c in claimed {
                 self.clock.observe(c.db_now);
+                if c.unclean {
+                    self.metrics.lease_takeover();
+                }
                 match self.permits.clone().try_acquire_owned() {
                     Ok(permit) => self.spawn_drive(c.saga, c.lease, c.unclean, permit),
                     // Cannot happen (we claimed at most `free`), but if it
@@ -417,6 +420,7 @@ impl Worker {
             deadline: now + to_chrono(timeout),
         };
         let started = std::time::Instant::now();
+        let in_flight = self.metrics.call_started();
         let result = tokio::select! {
             r = self.participants.invoke(inv) => r,
             _ = self.abandon.cancelled() => {
@@ -424,6 +428,7 @@ impl Worker {
                 return None;
             }
         };
+        drop(in_flight);
         tracing::debug!(step, %phase, attempt, ?result, "participant answered");
         self.metrics.step_attempt(
             &def.steps[step].participant,
@@ -495,6 +500,11 @@ impl Worker {
                 self.clock.observe(db_now);
                 if settled {
                     self.metrics.saga_settled(decision.saga.state);
+                    let took = (db_now - decision.saga.created_at)
+                        .to_std()
+                        .unwrap_or_default();
+                    self.metrics
+                        .saga_settle_time(&decision.saga.definition, took);
                 }
                 if let Hold::Keep(ttl) = hold {
                     lease.until = db_now + to_chrono(ttl);
@@ -507,6 +517,7 @@ impl Worker {
                 })
             }
             Err(StoreError::LeaseLost) => {
+                self.metrics.lease_lost();
                 tracing::warn!(
                     "lease lost: another coordinator or an operator took the saga; dropping it"
                 );
@@ -538,6 +549,9 @@ impl Worker {
                 true
             }
             Err(error) => {
+                if matches!(error, StoreError::LeaseLost) {
+                    self.metrics.lease_lost();
+                }
                 tracing::warn!(%error, "could not extend the lease before a call; dropping the saga");
                 false
             }
