@@ -48,10 +48,7 @@ fn families(exposition: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn the_dashboard_and_the_alert_rules_use_metrics_sagad_exposes() {
     let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
+    let (svc, cfg) = with_svc(&db).await;
     let coord = TestCoordinator::start(cfg).await;
     let mut c = coord.client().await;
     register(

@@ -64,10 +64,7 @@ async fn raw_start(addr: std::net::SocketAddr, bytes: Vec<u8>) -> tonic::Status 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field() {
     let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
+    let (svc, cfg) = with_svc(&db).await;
     let coord = TestCoordinator::start(cfg).await;
     let mut c = coord.client().await;
     register(
@@ -200,10 +197,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 #[tokio::test]
 async fn list_answers_stay_within_their_byte_budget() {
     let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
+    let (_svc, mut cfg) = with_svc(&db).await;
     cfg.list_page_bytes_max = 1 << 20;
     let coord = TestCoordinator::start(cfg).await;
     let mut c = coord.client().await;
@@ -284,10 +278,7 @@ async fn list_answers_stay_within_their_byte_budget() {
 #[tokio::test]
 async fn abuse_limits_answer_resource_exhausted_with_a_delay() {
     let db = TestDb::new().await;
-    let svc = Scripted::default();
-    let url = svc.clone().serve().await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
+    let (svc, mut cfg) = with_svc(&db).await;
     cfg.start_rate_per_principal = 1;
     cfg.start_burst_per_principal = 3;
     cfg.waits_max = 1;

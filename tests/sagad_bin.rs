@@ -116,16 +116,7 @@ async fn creates_its_database_serves_health_and_stops_on_sigterm() {
         "--admin-addr",
         "127.0.0.1:0",
     ]);
-    let field = |key: &str| {
-        started
-            .split(&format!("{key}="))
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let field = |key: &str| log_field(&started, key);
     let (grpc, admin_addr) = (field("grpc_addr"), field("admin_addr"));
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
@@ -218,20 +209,7 @@ async fn sighup_reloads_the_tls_certificate_for_new_connections() {
     assert!(!healthy_over_tls(&grpc, &second.pem).await);
 
     second.server().write(&dir, "server");
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let reloaded = tokio::task::spawn_blocking(move || loop {
-        match rest.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("reloaded TLS certificates") => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    })
-    .await
-    .unwrap();
+    let reloaded = hangup_until_logged(&child, rest, "reloaded TLS certificates").await;
     assert!(reloaded, "sagad logs the reload");
     assert!(
         healthy_over_tls(&grpc, &second.pem).await,

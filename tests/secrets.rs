@@ -293,20 +293,7 @@ async fn sighup_reloads_the_auth_file() {
     assert!(lists("second-token-0123456789").await.is_err());
 
     auth_file(&auth, "second", "second-token-0123456789");
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let reloaded = tokio::task::spawn_blocking(move || loop {
-        match rest.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("reloaded the auth file") => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    })
-    .await
-    .unwrap();
+    let reloaded = hangup_until_logged(&child, rest, "reloaded the auth file").await;
     assert!(reloaded, "sagad logs the reload");
     assert!(lists("second-token-0123456789").await.is_ok());
     assert_eq!(

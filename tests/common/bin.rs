@@ -113,3 +113,26 @@ pub async fn healthy_over_tls(addr: &str, ca: &certs::Pem) -> bool {
         .await
         .is_ok()
 }
+
+/// Sends SIGHUP to `child` and waits (up to 30 s) for a log line containing
+/// `logged`; whether it came.
+pub async fn hangup_until_logged(
+    child: &std::process::Child,
+    rest: Lines,
+    logged: &'static str,
+) -> bool {
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::task::spawn_blocking(move || loop {
+        match rest.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains(logged) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    })
+    .await
+    .unwrap()
+}

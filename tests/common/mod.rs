@@ -162,6 +162,15 @@ pub fn test_config(db: &TestDb) -> Config {
     cfg
 }
 
+/// A scripted participant `svc` and a test configuration that calls it.
+pub async fn with_svc(db: &TestDb) -> (Scripted, Config) {
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(db);
+    cfg.participants = vec![("svc".into(), url)];
+    (svc, cfg)
+}
+
 /// Logs from the coordinators, when `RUST_LOG` is set (e.g. `RUST_LOG=debug`).
 pub fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
