@@ -33,9 +33,17 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/sagad
 )]
 pub struct Config {
     /// Log lines as text, or as one JSON object per line (the event's fields
-    /// at the top level; the saga's `saga_id` and `epoch` under `span`).
+    /// at the top level; the saga's `saga_id`, `epoch` and `trace_id` under
+    /// `span`).
     #[arg(long, env = "SAGAD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this collector (for example
+    /// http://127.0.0.1:4317). Off by default; the standard
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT also
+    /// turn it on, OTEL_SERVICE_NAME names the service (default sagad),
+    /// OTEL_EXPORTER_OTLP_HEADERS adds headers, OTEL_BSP_* tune batching.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// PostgreSQL URL; the database is created if it does not exist and the
     /// role may create it.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]

@@ -35,6 +35,7 @@ pub mod ops;
 pub mod participant;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod worker;
 

@@ -32,6 +32,7 @@ use crate::participant::{CallerConfig, Participants};
 use crate::proto::coordinator_service_server::CoordinatorServiceServer;
 use crate::store::pg::{PgStore, CHANNEL_DUE, CHANNEL_SETTLED, MIGRATOR};
 use crate::store::{OwnerId, SagaStore, StuckRule};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::tls::{Tls, TlsError, TlsListener};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -334,6 +335,9 @@ impl Parts {
                 claim_batch_max: cfg.claim_batch_max,
                 sagas_max: usize::try_from(cfg.sagas_max).unwrap_or(usize::MAX),
                 poll_interval: Duration::from_millis(cfg.poll_interval_ms),
+                spans: Telemetry::start(&TelemetryConfig::resolve(cfg.otlp_endpoint.as_deref()))
+                    .map_err(Error::Config)?
+                    .map(Arc::new),
             },
             stop.clone(),
             abandon.clone(),
@@ -499,6 +503,10 @@ async fn shut_down(
         Ok(n) if n > 0 => tracing::info!(released = n, "released leases"),
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "releasing leases failed; they will expire"),
+    }
+    if let Some(spans) = worker.spans().cloned() {
+        // Flushing waits on the exporter's thread: not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
     }
     let _ = tokio::time::timeout(grace, tasks.grpc).await;
     let _ = tokio::time::timeout(grace, tasks.admin).await;

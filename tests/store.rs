@@ -57,6 +57,12 @@ async fn expire_leases(db: &TestDb) {
 async fn a_stale_owner_cannot_write_extend_or_release() {
     let (db, store, def) = setup().await;
     let id = SagaId(uuid::Uuid::new_v4());
+    let trace = saga_coordinator::domain::SagaTrace {
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        tracestate: Some("vendor=x".into()),
+        caller_span: Some("0102030405060708".into()),
+        saga_span: true,
+    };
     let created = store
         .saga_create(NewSaga {
             id,
@@ -64,6 +70,7 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
             input: "{}".into(),
             owner: None,
             started_by: None,
+            trace: Some(trace.clone()),
         })
         .await
         .unwrap();
@@ -90,6 +97,7 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
         phase: Phase::Action,
         attempt: 1,
         result: CallResult::Succeeded(None),
+        took: std::time::Duration::from_millis(7),
     };
     let d = decide(&saga, &def, fact.clone(), claimed_a[0].db_now, 0.0).unwrap();
     let before = store.saga_get(id).await.unwrap().unwrap();
@@ -125,7 +133,13 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
         .unwrap();
     let rec = store.saga_get(id).await.unwrap().unwrap();
     assert_eq!(rec.event_seq, 2);
-    assert_eq!(store.saga_events(id).await.unwrap().len(), 2);
+    // The trace context is kept with the saga (a takeover reads it back),
+    // and a call's answer keeps how long the call took.
+    assert_eq!(rec.saga.trace, Some(trace));
+    let events = store.saga_events(id).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].took, None);
+    assert_eq!(events[1].took, Some(Duration::from_millis(7)));
 
     // An operator's write fences B out in turn.
     let op = decide(
@@ -154,6 +168,7 @@ async fn a_stale_owner_cannot_write_extend_or_release() {
             phase: Phase::Action,
             attempt: 1,
             result: CallResult::Succeeded(None),
+            took: std::time::Duration::from_millis(7),
         },
         rec.saga.updated_at,
         0.0,
@@ -184,6 +199,7 @@ async fn operator_retry_of_a_saga_being_driven_is_busy_and_release_all_is_per_ow
             input: "1".into(),
             owner: Some((a, ttl)),
             started_by: None,
+            trace: None,
         })
         .await
         .unwrap();
@@ -194,6 +210,7 @@ async fn operator_retry_of_a_saga_being_driven_is_busy_and_release_all_is_per_ow
             input: "2".into(),
             owner: Some((b, ttl)),
             started_by: None,
+            trace: None,
         })
         .await
         .unwrap();
@@ -244,6 +261,7 @@ async fn concurrent_claims_never_hand_out_the_same_saga() {
                 input: i.to_string(),
                 owner: None,
                 started_by: None,
+                trace: None,
             })
             .await
             .unwrap();
@@ -291,6 +309,7 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
                 input: i.to_string(),
                 owner: Some((owner, ttl)),
                 started_by: None,
+                trace: None,
             })
             .await
             .unwrap();
@@ -312,6 +331,7 @@ async fn concurrent_decisions_share_statements_and_keep_their_own_fences() {
                 phase: Phase::Action,
                 attempt: 1,
                 result: CallResult::Succeeded(Some(format!("{{\"n\":{}}}", saga.input))),
+                took: std::time::Duration::from_millis(7),
             };
             let d = decide(&saga, &def, fact, at, 0.0).unwrap();
             (
@@ -378,20 +398,21 @@ async fn lane_statements_find_sagas_by_key_whatever_the_statistics() {
             SAVE_SQL,
             "uuid[], bigint[], uuid[], text[], text[], text[], text[], int[], int[], bool[], \
              bigint[], timestamptz[], bool[], int[], uuid[], int[], timestamptz[], text[], \
-             text[], int[], text[]",
+             text[], int[], text[], int[]",
             format!(
                 "{id}, '{{1}}', {id}, '{{COMPLETED}}', '{{NULL}}', '{{\"[]\"}}', '{{NULL}}', \
                  '{{1}}', '{{1}}', '{{t}}', '{{1}}', '{{NULL}}', '{{t}}', '{{1}}', {id}, '{{1}}', \
-                 '{{2026-01-01T00:00:00Z}}', '{{completed}}', '{{NULL}}', '{{0}}', '{{x}}'"
+                 '{{2026-01-01T00:00:00Z}}', '{{completed}}', '{{NULL}}', '{{0}}', '{{x}}', '{{5}}'"
             ),
         ),
         (
             "lane_create",
             CREATE_SQL,
-            "uuid[], text[], int[], text[], text[], bigint[], uuid[], bigint[], text[], text, text[]",
+            "uuid[], text[], int[], text[], text[], bigint[], uuid[], bigint[], text[], text, text[], \
+             text[]",
             format!(
                 "{id}, '{{d}}', '{{1}}', '{{null}}', '{{\"[]\"}}', '{{NULL}}', {id}, '{{1}}', \
-                 '{{x}}', 'started', '{{ci}}'"
+                 '{{x}}', 'started', '{{ci}}', '{{NULL}}'"
             ),
         ),
     ];

@@ -186,6 +186,7 @@ impl CoordinatorApi {
         &self,
         r: proto::StartSagaRequest,
         who: &Principal,
+        trace: Option<crate::domain::SagaTrace>,
     ) -> Result<proto::StartSagaResponse, OpsError> {
         check_name("definition", &r.definition, false)?;
         let id = if r.saga_id.is_empty() {
@@ -215,6 +216,7 @@ impl CoordinatorApi {
                 input: input.clone(),
                 owner,
                 started_by: who.audit_name().map(str::to_owned),
+                trace,
             })
             .await?;
         match created {
@@ -517,7 +519,11 @@ impl CoordinatorService for CoordinatorApi {
     ) -> Rpc<proto::StartSagaResponse> {
         let who = self.allowed(&r, Need::Start)?;
         self.rate(&who)?;
-        Ok(Response::new(self.start(r.into_inner(), &who).await?))
+        let caller = proto::trace::TraceParent::from_metadata(r.metadata());
+        let trace = crate::telemetry::join(self.worker.spans().is_some(), caller);
+        Ok(Response::new(
+            self.start(r.into_inner(), &who, trace).await?,
+        ))
     }
 
     async fn get_saga(&self, r: Request<proto::GetSagaRequest>) -> Rpc<proto::GetSagaResponse> {

@@ -94,6 +94,9 @@ pub struct EventRecord {
     /// When the decision was made (database clock, as the deciding
     /// coordinator estimates it): a deferred decision is written later.
     pub at: DateTime<Utc>,
+    /// For the entry that records a call's answer: how long the call took
+    /// (it began at `at - took`).
+    pub took: Option<std::time::Duration>,
 }
 
 string_enum! {
@@ -339,6 +342,10 @@ pub fn decide(
         changed: Vec::new(),
         now,
     };
+    let took = match &fact {
+        Fact::Invoked { took, .. } => Some(*took),
+        _ => None,
+    };
     match fact {
         Fact::AttemptStarted { step } => d.attempt_started(step)?,
         Fact::Invoked {
@@ -346,12 +353,14 @@ pub fn decide(
             phase: Phase::Action,
             attempt,
             result,
+            ..
         } => d.action_result(step, attempt, result, jitter)?,
         Fact::Invoked {
             step,
             phase: Phase::Compensation,
             attempt,
             result,
+            ..
         } => d.compensation_result(step, attempt, result, jitter)?,
         Fact::Recovered { step } => {
             let attempt = d.expect_forward(step)?.attempts;
@@ -362,6 +371,13 @@ pub fn decide(
         Fact::OperatorRetry { actor, note } => d.operator_retry(&actor, &note)?,
         Fact::OperatorAbort { actor, note } => d.operator_abort(&actor, &note)?,
         Fact::OperatorResolve { actor, note } => d.operator_resolve(&actor, &note)?,
+    }
+    // A call's answer is the first entry its decision makes about a step
+    // (a misconfiguration suspends the saga without one).
+    if let (Some(took), Some(first)) = (took, d.events.first_mut()) {
+        if first.step.is_some() {
+            first.took = Some(took);
+        }
     }
     let mut changed = d.changed;
     changed.sort_unstable();
@@ -414,6 +430,7 @@ impl Draft<'_> {
             attempt,
             detail,
             at: self.now,
+            took: None,
         });
     }
 

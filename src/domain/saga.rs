@@ -152,6 +152,36 @@ pub struct Saga {
     pub updated_at: DateTime<Utc>,
     /// The principal that started it (none without authentication).
     pub started_by: Option<String>,
+    /// Where its spans hang in a distributed trace (none: no trace).
+    pub trace: Option<SagaTrace>,
+}
+
+/// A saga's place in a distributed trace, kept with the saga so that it
+/// survives a crash and a takeover. The API edge parses and checks the
+/// headers; here they are opaque text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaTrace {
+    /// W3C `traceparent` of the span every step attempt is a child of: the
+    /// saga's own span when `sagad` exports spans, else the caller's.
+    pub traceparent: String,
+    /// W3C `tracestate`, passed on unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+    /// The caller's span (16 hex digits): the saga span's parent, when
+    /// `sagad` made a saga span and the caller sent a context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_span: Option<String>,
+    /// `traceparent` names the saga's own span, which `sagad` emits when the
+    /// saga ends (else it is the caller's span, passed on as it came).
+    #[serde(default)]
+    pub saga_span: bool,
+}
+
+impl SagaTrace {
+    /// The trace id (32 hex digits), for logs and people.
+    pub fn trace_id(&self) -> &str {
+        self.traceparent.get(3..35).unwrap_or("")
+    }
 }
 
 impl Saga {
@@ -179,6 +209,7 @@ impl Saga {
             created_at: now,
             updated_at: now,
             started_by: None,
+            trace: None,
         }
     }
 }
@@ -248,6 +279,8 @@ pub enum Fact {
         attempt: u32,
         /// What came back.
         result: CallResult,
+        /// How long the call took (the history's timeline shows it).
+        took: std::time::Duration,
     },
     /// A claimed saga has a non-idempotent action in `RUNNING`: the previous
     /// owner stopped during the call, so its outcome is unknown.

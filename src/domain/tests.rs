@@ -55,6 +55,7 @@ fn invoked(step: usize, phase: Phase, attempt: u32, result: CallResult) -> Fact 
         phase,
         attempt,
         result,
+        took: std::time::Duration::from_millis(7),
     }
 }
 
@@ -488,6 +489,7 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                                 phase,
                                 attempt,
                                 result: CallResult::Retry(String::new()),
+                                took: std::time::Duration::from_millis(7),
                             },
                             Some((step, phase)),
                         )
@@ -515,6 +517,7 @@ fn simulate(seed: u64) -> Result<SagaState, String> {
                             phase,
                             attempt,
                             result,
+                            took: std::time::Duration::from_millis(7),
                         }
                     }
                     (f, _) => f,

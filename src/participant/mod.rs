@@ -23,6 +23,7 @@ use tonic::{Code, Status};
 use crate::domain::{CallResult, Definition, Phase, Saga, StepState};
 use crate::proto;
 use crate::proto::participant_service_client::ParticipantServiceClient;
+use crate::proto::trace::TraceParent;
 use crate::store::SagaStore;
 
 /// Longest error text kept from a participant (bytes).
@@ -82,6 +83,9 @@ pub struct Invocation<'a> {
     pub timeout: Duration,
     /// When the coordinator stops waiting (database clock).
     pub deadline: DateTime<Utc>,
+    /// The call's own `traceparent` when its span is recorded; else the
+    /// saga's context (if any) is passed on as it is.
+    pub traceparent: Option<String>,
 }
 
 impl Participants {
@@ -142,6 +146,7 @@ impl Participants {
                 .metadata_mut()
                 .insert("authorization", token.clone());
         }
+        propagate_trace(&inv, request.metadata_mut());
         let started = Instant::now();
         let answer = tokio::time::timeout(inv.timeout, client.invoke(request)).await;
         // tonic's own deadline (grpc-timeout: CANCELLED) races with ours:
@@ -331,6 +336,15 @@ pub fn check_endpoint(url: &str) -> Result<Endpoint, String> {
         return Err("must be an http:// or https:// URL".into());
     }
     Endpoint::from_shared(url.to_owned()).map_err(|e| format!("not a valid URL: {e}"))
+}
+
+/// Puts the call's trace context on its metadata (see [`Invocation`]).
+fn propagate_trace(inv: &Invocation<'_>, md: &mut tonic::metadata::MetadataMap) {
+    let Some(trace) = &inv.saga.trace else { return };
+    let parent = inv.traceparent.as_deref().unwrap_or(&trace.traceparent);
+    if let Some(tp) = TraceParent::parse(parent) {
+        tp.to_metadata(md, trace.tracestate.as_deref());
+    }
 }
 
 fn build_request(inv: &Invocation<'_>, handler: String) -> proto::InvokeRequest {

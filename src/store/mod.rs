@@ -80,6 +80,8 @@ pub struct NewSaga {
     pub owner: Option<(OwnerId, Duration)>,
     /// The principal starting it (audit).
     pub started_by: Option<String>,
+    /// Its place in a distributed trace.
+    pub trace: Option<crate::domain::SagaTrace>,
 }
 
 /// When and by whom a definition version was registered.
@@ -168,6 +170,8 @@ pub struct StoredEvent {
     pub attempt: u32,
     /// Detail.
     pub detail: String,
+    /// For a participant's answer: how long the call took.
+    pub took: Option<Duration>,
 }
 
 /// How an owner's write ends the hold on a saga.

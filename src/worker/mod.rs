@@ -51,6 +51,7 @@ use crate::domain::{
 use crate::metrics::Metrics;
 use crate::participant::{Invocation, Participants};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
+use crate::telemetry::{CallSpan, Telemetry};
 
 /// Waits up to this long get a local timer; longer ones rely on the poll.
 const LOCAL_WAKE_MAX: Duration = Duration::from_secs(60);
@@ -70,6 +71,8 @@ pub struct WorkerConfig {
     pub sagas_max: usize,
     /// Fallback poll for due work when no notification arrives.
     pub poll_interval: Duration,
+    /// Where spans go (`None`: not exported).
+    pub spans: Option<Arc<Telemetry>>,
 }
 
 /// The worker's shared state.
@@ -133,6 +136,11 @@ impl Worker {
         self.cfg.lease_ttl
     }
 
+    /// Where spans go, if anywhere.
+    pub fn spans(&self) -> Option<&Arc<Telemetry>> {
+        self.cfg.spans.as_ref()
+    }
+
     /// The tasks driving sagas (for shutdown).
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
@@ -172,7 +180,15 @@ impl Worker {
         recovered: bool,
         permit: OwnedSemaphorePermit,
     ) {
-        let span = tracing::info_span!("saga", saga_id = %saga.id, epoch = lease.epoch);
+        let span = tracing::info_span!(
+            "saga",
+            saga_id = %saga.id,
+            epoch = lease.epoch,
+            trace_id = tracing::field::Empty
+        );
+        if let Some(t) = &saga.trace {
+            span.record("trace_id", t.trace_id());
+        }
         let id = saga.id;
         let (tx, _) = watch::channel(None);
         lock(&self.local).insert(id, tx);
@@ -410,6 +426,10 @@ impl Worker {
         if !self.cover_call(lease, timeout).await {
             return None;
         }
+        let span = self
+            .spans()
+            .zip(saga.trace.as_ref())
+            .and_then(|(t, trace)| t.attempt_start(trace));
         let inv = Invocation {
             saga,
             def,
@@ -418,6 +438,7 @@ impl Worker {
             attempt,
             timeout,
             deadline: now + to_chrono(timeout),
+            traceparent: span.map(|s| s.own.to_string()),
         };
         let started = std::time::Instant::now();
         let in_flight = self.metrics.call_started();
@@ -429,18 +450,26 @@ impl Worker {
             }
         };
         drop(in_flight);
+        let took = started.elapsed();
         tracing::debug!(step, %phase, attempt, ?result, "participant answered");
-        self.metrics.step_attempt(
-            &def.steps[step].participant,
-            phase,
-            &result,
-            started.elapsed(),
-        );
+        self.metrics
+            .step_attempt(&def.steps[step].participant, phase, &result, took);
+        if let (Some(t), Some(span)) = (self.spans(), span) {
+            let call = CallSpan {
+                saga,
+                def,
+                step,
+                phase,
+                attempt,
+            };
+            t.attempt_end(span, &call, &result);
+        }
         Some(Fact::Invoked {
             step,
             phase,
             attempt,
             result,
+            took,
         })
     }
 
@@ -505,6 +534,9 @@ impl Worker {
                         .unwrap_or_default();
                     self.metrics
                         .saga_settle_time(&decision.saga.definition, took);
+                    if let Some(t) = self.spans().filter(|_| decision.saga.state.is_terminal()) {
+                        t.saga_end(&decision.saga, db_now);
+                    }
                 }
                 if let Hold::Keep(ttl) = hold {
                     lease.until = db_now + to_chrono(ttl);

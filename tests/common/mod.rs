@@ -298,6 +298,8 @@ pub enum Reply {
 pub struct Call {
     pub req: proto::InvokeRequest,
     pub at: Instant,
+    /// The `traceparent` the call carried.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Default)]
@@ -398,12 +400,17 @@ impl ParticipantService for Scripted {
         &self,
         request: Request<proto::InvokeRequest>,
     ) -> Result<Response<proto::InvokeResponse>, Status> {
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .map(|v| v.to_str().unwrap().to_owned());
         let req = request.into_inner();
         let reply = {
             let mut st = self.state.lock().unwrap();
             st.calls.push(Call {
                 req: req.clone(),
                 at: Instant::now(),
+                traceparent,
             });
             st.scripts
                 .get_mut(&req.handler)

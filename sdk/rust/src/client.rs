@@ -524,12 +524,10 @@ impl Client {
             saga_id: options.saga_id.map(|u| u.to_string()).unwrap_or_default(),
             input_json: serde_json::to_string(input)?,
         };
-        let r = self
-            .inner
-            .clone()
-            .start_saga(self.request(req, CALL_TIMEOUT))
-            .await?
-            .into_inner();
+        let mut request = self.request(req, CALL_TIMEOUT);
+        // The saga joins the caller's trace (see the `trace` module).
+        crate::trace::inject_current(request.metadata_mut());
+        let r = self.inner.clone().start_saga(request).await?.into_inner();
         Ok(Started {
             saga: Saga::from_proto(r.saga)?,
             created: r.created,

@@ -91,6 +91,7 @@ pub mod barrier;
 mod client;
 mod definition;
 mod participant;
+mod trace;
 
 pub use client::{
     Client, ClientError, ClientTls, ListQuery, Saga, SagaEvent, SagaPage, SagaState, StartOptions,

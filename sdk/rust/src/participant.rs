@@ -398,7 +398,11 @@ impl Participant {
         })
     }
 
-    async fn call(&self, r: proto::InvokeRequest) -> Result<proto::InvokeResponse, Status> {
+    async fn call(
+        &self,
+        r: proto::InvokeRequest,
+        md: &tonic::metadata::MetadataMap,
+    ) -> Result<proto::InvokeResponse, Status> {
         let ctx = StepContext::from_request(r)?;
         let handlers = match ctx.phase {
             Phase::Action => &self.inner.actions,
@@ -416,15 +420,26 @@ impl Participant {
             )));
         };
         let (key, handler) = (ctx.idempotency_key.clone(), ctx.handler.clone());
+        let span = handler_span(&ctx, md);
         // A panicking handler answers INTERNAL (outcome unknown) and the
         // participant keeps serving.
-        let result = match AssertUnwindSafe(h(ctx)).catch_unwind().await {
+        let run = AssertUnwindSafe(h(ctx)).catch_unwind();
+        let result = match opentelemetry::trace::FutureExt::with_context(run, span.clone()).await {
             Ok(r) => r,
             Err(_) => {
                 tracing::error!(%handler, %key, "handler panicked");
+                crate::trace::end(&span, "unknown", Some("handler panicked"));
                 return Err(Status::internal(format!("handler {handler:?} panicked")));
             }
         };
+        let (outcome, error) = match &result {
+            Ok(_) => ("succeeded", None),
+            Err(StepError::Refused(_)) => ("failed", None),
+            Err(StepError::RetryLater(_)) => ("retry", None),
+            Err(StepError::Unknown(m)) | Err(StepError::Contract(m)) => ("error", Some(m.as_str())),
+            Err(StepError::Status(s)) => ("error", Some(s.message())),
+        };
+        crate::trace::end(&span, outcome, error);
         let answer =
             |outcome: proto::Outcome, output_json: String, error: String| proto::InvokeResponse {
                 outcome: outcome as i32,
@@ -460,8 +475,31 @@ impl ParticipantService for Participant {
                 ));
             }
         }
-        self.call(request.into_inner()).await.map(Response::new)
+        let (md, _, message) = request.into_parts();
+        self.call(message, &md).await.map(Response::new)
     }
+}
+
+/// The span a handler runs in: "action reserve", a child of sagad's span
+/// for the attempt.
+fn handler_span(ctx: &StepContext, md: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
+    use opentelemetry::KeyValue;
+    let phase = match ctx.phase {
+        Phase::Action => "action",
+        Phase::Compensation => "compensation",
+    };
+    crate::trace::handler_context(
+        md,
+        format!("{phase} {}", ctx.step),
+        vec![
+            KeyValue::new("saga.id", ctx.saga_id.to_string()),
+            KeyValue::new("saga.definition", ctx.definition.clone()),
+            KeyValue::new("saga.step", ctx.step.clone()),
+            KeyValue::new("saga.phase", phase),
+            KeyValue::new("saga.handler", ctx.handler.clone()),
+            KeyValue::new("saga.attempt", i64::from(ctx.attempt)),
+        ],
+    )
 }
 
 /// Compares secrets in time independent of where they differ.

@@ -58,6 +58,8 @@ pub struct CreateRow {
     pub detail: String,
     /// The principal starting it.
     pub started_by: Option<String>,
+    /// `sagas.trace_context`.
+    pub trace: Option<String>,
 }
 
 /// What the database assigned to a created saga.
@@ -76,6 +78,7 @@ pub struct EventRow {
     pub step: Option<String>,
     pub attempt: i32,
     pub detail: String,
+    pub took_ms: Option<i32>,
 }
 
 /// An owner's fenced decision.
@@ -412,18 +415,19 @@ async fn write(c: &mut PgConnection, batch: &[Job]) -> Result<Written, sqlx::Err
 pub const CREATE_SQL: &str = "
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
-                             $6::bigint[], $7::uuid[], $8::bigint[], $9::text[], $11::text[])
+                             $6::bigint[], $7::uuid[], $8::bigint[], $9::text[], $11::text[],
+                             $12::text[])
                  AS t(saga_id, definition, version, input, steps, deadline_ms, owner, ttl, detail,
-                      started_by)
+                      started_by, trace_context)
     ), ins AS (
         INSERT INTO sagas (saga_id, definition, version, state, input, steps, deadline_at,
                            owner, lease_until, next_run_at, lease_epoch, event_seq,
-                           current_step, current_attempts, started_by)
+                           current_step, current_attempts, started_by, trace_context)
         SELECT saga_id, definition, version, 'RUNNING', input, steps::jsonb,
                now() + deadline_ms * interval '1 millisecond',
                owner, CASE WHEN owner IS NULL THEN NULL ELSE now() + ttl * interval '1 millisecond' END,
                CASE WHEN owner IS NULL THEN now() ELSE now() + ttl * interval '1 millisecond' END,
-               1, 1, 0, 0, started_by
+               1, 1, 0, 0, started_by, trace_context
         FROM v ORDER BY saga_id
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING saga_id, owner, lease_until, created_at, deadline_at
@@ -462,6 +466,7 @@ async fn write_creates(c: &mut PgConnection, batch: &[Job]) -> Result<Vec<PgRow>
                 .map(|r| r.started_by.as_deref())
                 .collect::<Vec<_>>(),
         )
+        .bind(rows.iter().map(|r| r.trace.as_deref()).collect::<Vec<_>>())
         .fetch_all(c)
         .await
 }
@@ -491,10 +496,11 @@ pub const SAVE_SQL: &str = "
         RETURNING s.saga_id, s.event_seq - v.n_events AS base, v.settled, v.release,
                   v.next_run_at AS due_at
     ), ev AS (
-        INSERT INTO saga_events (saga_id, seq, at, kind, step, attempt, detail)
-        SELECT e.saga_id, upd.base + e.ord, e.at, e.kind, e.step, e.attempt, e.detail
+        INSERT INTO saga_events (saga_id, seq, at, kind, step, attempt, detail, took_ms)
+        SELECT e.saga_id, upd.base + e.ord, e.at, e.kind, e.step, e.attempt, e.detail, e.took_ms
         FROM unnest($15::uuid[], $16::int[], $17::timestamptz[], $18::text[], $19::text[],
-                    $20::int[], $21::text[]) AS e(saga_id, ord, at, kind, step, attempt, detail)
+                    $20::int[], $21::text[], $22::int[])
+             AS e(saga_id, ord, at, kind, step, attempt, detail, took_ms)
         JOIN upd ON upd.saga_id = e.saga_id
     )
     SELECT saga_id, now() AS db_now, settled, release AND due_at IS NOT NULL AS due
@@ -543,6 +549,7 @@ async fn write_saves(c: &mut PgConnection, batch: &[Job]) -> Result<Vec<PgRow>, 
         .bind(events().map(|(_, e)| e.step.as_deref()).collect::<Vec<_>>())
         .bind(events().map(|(_, e)| e.attempt).collect::<Vec<_>>())
         .bind(events().map(|(_, e)| e.detail.as_str()).collect::<Vec<_>>())
+        .bind(events().map(|(_, e)| e.took_ms).collect::<Vec<_>>())
         .fetch_all(c)
         .await
 }

@@ -26,7 +26,9 @@ use super::{
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
 use lanes::{CreateRow, EventRow, Lanes, SaveRow};
-use rows::{current_progress, decode_definition, decode_saga, encode_steps, SAGA_COLUMNS};
+use rows::{
+    current_progress, decode_definition, decode_saga, encode_steps, encode_trace, SAGA_COLUMNS,
+};
 
 /// The store seam's error for a driver error: connection loss — I/O, TLS,
 /// pool time-outs, a closed pool, an error of severity FATAL or PANIC (the
@@ -318,6 +320,7 @@ impl SagaStore for PgStore {
                 ttl_ms: ttl,
                 detail: format!("{}@{}", new.definition.name, new.definition.version),
                 started_by: new.started_by.clone(),
+                trace: encode_trace(new.trace.as_ref())?,
             })
             .await?;
         let Some(row) = row else {
@@ -333,6 +336,7 @@ impl SagaStore for PgStore {
         let mut saga = crate::domain::Saga::new(new.id, &new.definition, new.input, created_at);
         saga.deadline_at = row.deadline_at;
         saga.started_by = new.started_by;
+        saga.trace = new.trace;
         let lease = match (new.owner, row.lease_until) {
             (Some((owner, _)), Some(until)) => Some(Lease {
                 saga_id: new.id,
@@ -450,7 +454,7 @@ impl SagaStore for PgStore {
 
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, at, kind, step, attempt, detail FROM saga_events
+            "SELECT seq, at, kind, step, attempt, detail, took_ms FROM saga_events
              WHERE saga_id = $1 ORDER BY seq",
         )
         .bind(id.0)
@@ -470,6 +474,9 @@ impl SagaStore for PgStore {
                     step: r.try_get("step")?,
                     attempt: r.try_get::<i32, _>("attempt")?.max(0) as u32,
                     detail: r.try_get("detail")?,
+                    took: r
+                        .try_get::<Option<i32>, _>("took_ms")?
+                        .map(|ms| Duration::from_millis(ms.max(0) as u64)),
                 })
             })
             .collect()
@@ -510,6 +517,7 @@ impl SagaStore for PgStore {
                     step: e.step.clone(),
                     attempt: e.attempt.min(i32::MAX as u32) as i32,
                     detail: e.detail.clone(),
+                    took_ms: e.took.map(|t| t.as_millis().min(i32::MAX as u128) as i32),
                 })
                 .collect(),
         };

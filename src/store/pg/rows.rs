@@ -7,12 +7,12 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::domain::{Definition, Saga, SagaId, SagaState, Step, StepState};
+use crate::domain::{Definition, Saga, SagaId, SagaState, SagaTrace, Step, StepState};
 use crate::store::{Registered, StoreError};
 
 /// The columns [`decode_saga`] reads, qualified with `s.` (alias `sagas s`).
 pub const SAGA_COLUMNS: &str = "s.saga_id, s.definition, s.version, s.state, s.suspended_from, \
-     s.input, s.steps, s.error, s.deadline_at, s.created_at, s.updated_at, s.started_by";
+     s.input, s.steps, s.error, s.deadline_at, s.created_at, s.updated_at, s.started_by, s.trace_context";
 
 /// A step as stored inside `sagas.steps`.
 #[derive(Serialize, Deserialize)]
@@ -92,7 +92,20 @@ pub fn decode_saga(row: &PgRow) -> Result<Saga, StoreError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         started_by: row.try_get("started_by")?,
+        trace: decode_trace(row.try_get("trace_context")?)?,
     })
+}
+
+/// `sagas.trace_context`.
+pub fn encode_trace(trace: Option<&SagaTrace>) -> Result<Option<String>, StoreError> {
+    trace
+        .map(|t| serde_json::to_string(t).map_err(|e| StoreError::Internal(e.to_string())))
+        .transpose()
+}
+
+fn decode_trace(text: Option<String>) -> Result<Option<SagaTrace>, StoreError> {
+    text.map(|t| serde_json::from_str(&t).map_err(|e| corrupt("trace context", e)))
+        .transpose()
 }
 
 /// A definition and its registration from `(version, content, created_at,
