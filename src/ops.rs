@@ -321,7 +321,12 @@ impl Ops {
                     if settled {
                         self.metrics.saga_settled(decision.saga.state);
                     }
-                    return Ok((self.record(id).await?.saga, def));
+                    let saga = self.record(id).await?.saga;
+                    // Resolving ends the saga here, not in a worker.
+                    if let Some(t) = self.worker.spans().filter(|_| saga.state.is_terminal()) {
+                        t.saga_end(&saga, saga.updated_at);
+                    }
+                    return Ok((saga, def));
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(StoreError::Busy) => return Err(OpsError::FailedPrecondition(

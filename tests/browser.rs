@@ -166,6 +166,43 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         .await
         .unwrap();
     assert_eq!(stuck_count, "1");
+    // The last hour as a chart: five started, four completed (three
+    // orders and the one with a script in its input), one suspended.
+    let chart = appear(&c, "activity-chart").await;
+    let (_, _, width, height) = chart.rectangle().await.unwrap();
+    assert!(width > 300.0 && height > 50.0, "chart {width}x{height}");
+    for (series, n) in [
+        ("started", "5"),
+        ("completed", "4"),
+        ("compensated", "0"),
+        ("suspended", "1"),
+    ] {
+        let total = c
+            .find(Locator::Css(&format!("#activity-{series} b")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(total, n, "{series}");
+    }
+    let points = c
+        .find(Locator::Id("activity-line-started"))
+        .await
+        .unwrap()
+        .attr("points")
+        .await
+        .unwrap()
+        .unwrap();
+    let ys: Vec<f64> = points
+        .split_whitespace()
+        .map(|p| p.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ys.len(), 60);
+    assert!(
+        ys.iter().any(|y| *y < ys[0]),
+        "the started line rises somewhere: {points}"
+    );
     screenshot(&c, "admin-list.png").await;
     let link = c.find(Locator::Css("#stuck a")).await.unwrap();
     assert_eq!(link.text().await.unwrap(), stuck.saga_id);
@@ -184,6 +221,31 @@ async fn an_operator_finds_a_suspended_saga_logs_in_and_retries_it() {
         "admin",
         "who started it"
     );
+    // Its calls on a timeline: reserve, then the charge that suspended it,
+    // each with how long it took and how long it waited.
+    let bars = c
+        .find_all(Locator::Css("#timeline-chart rect"))
+        .await
+        .unwrap();
+    assert_eq!(bars.len(), 2);
+    for bar in &bars {
+        let (_, _, w, h) = bar.rectangle().await.unwrap();
+        assert!(w >= 1.0 && h > 5.0, "bar {w}x{h}");
+    }
+    let rows = appear(&c, "timeline").await.text().await.unwrap();
+    assert!(
+        rows.contains("action reserve #1") && rows.contains("action charge #1"),
+        "{rows}"
+    );
+    assert!(rows.contains("ms") || rows.contains("µs"), "{rows}");
+    // (For the picture only: the timeline is below the fold.)
+    let _ = c
+        .execute(
+            "document.getElementById('timeline-chart').scrollIntoView()",
+            vec![],
+        )
+        .await;
+    screenshot(&c, "admin-timeline.png").await;
 
     // Back on the saga's page: retry, confirmed; the result is shown.
     let form = appear(&c, "retry-form").await;

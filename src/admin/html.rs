@@ -84,6 +84,14 @@ code, pre {{ font: 12px ui-monospace, monospace; }} pre {{ white-space: pre-wrap
 form.inline {{ display: inline; }} fieldset {{ background: #fff; border: 1px solid #e3e6eb; margin-bottom: .6rem; }}
 ol.timeline {{ background: #fff; padding: .6rem 2rem; }} ol.timeline li {{ margin: .2rem 0; }}
 .muted {{ color: #6b7280; }}
+.chart-box {{ background: #fff; border: 1px solid #e3e6eb; padding: .6rem; margin-bottom: 1rem; max-width: 760px; }}
+svg.chart {{ width: 100%; height: auto; display: block; background: #fff; margin-bottom: .6rem; }}
+svg.chart text {{ font: 11px system-ui, sans-serif; fill: #4b5563; }}
+svg .axis {{ stroke: #9aa1ad; }} svg .wait {{ stroke: #9aa1ad; stroke-dasharray: 3 2; }}
+rect.bar {{ fill: #1a7f37; }} rect.step_retry, rect.compensation_retry {{ fill: #9a6700; }}
+rect.compensating {{ fill: #9a6700; }}
+rect.step_failed, rect.step_unknown, rect.suspended {{ fill: #b3261e; }}
+.legend {{ display: flex; gap: 1rem; }} .legend i {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px; }}
 </style></head>
 <body><header><b>sagad</b><a href=/>Sagas</a><a href=/definitions>Definitions</a><span class=grow></span>{session}</header>
 <main>{body}</main></body></html>"#,

@@ -23,6 +23,7 @@
 //! (`sagad` then listens on loopback only). All user-supplied text is
 //! escaped.
 
+mod charts;
 mod html;
 mod json;
 mod listen;
@@ -106,6 +107,8 @@ pub struct AdminState {
     /// Failed credentials by peer address.
     failures: KeyedBuckets,
     sessions: Mutex<HashMap<String, Session>>,
+    /// The list page's activity chart, by minute.
+    activity: Mutex<charts::ActivityCache>,
 }
 
 impl AdminState {
@@ -129,6 +132,7 @@ impl AdminState {
             cfg,
             process_csrf: random_token(),
             sessions: Mutex::new(HashMap::new()),
+            activity: Mutex::new(charts::ActivityCache::default()),
         })
     }
 

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
+use super::charts;
 use super::html::{age, esc, page, state_class, url};
 use super::json::{parse_id, Filters};
 use super::{ops_status, AdminState, Caller, SESSION_COOKIE, SESSION_TTL};
@@ -171,6 +172,7 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
         );
     }
     body.push_str("</div>");
+    body.push_str(&activity(st, now).await?);
     let selected = |s: &str| {
         if f.states.iter().any(|x| x.as_str() == s) {
             " selected"
@@ -224,6 +226,16 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
         );
     }
     Ok(body)
+}
+
+/// The activity chart, counting again only what may have changed.
+async fn activity(st: &AdminState, now: chrono::DateTime<chrono::Utc>) -> Result<String, OpsError> {
+    let lock = || st.activity.lock().unwrap_or_else(|p| p.into_inner());
+    let from = lock().recount_from(now);
+    let fresh = st.ops.store.saga_activity(from).await?;
+    let mut cache = lock();
+    cache.merge(from, fresh, now);
+    Ok(charts::activity_svg(&cache.minutes(now)))
 }
 
 /// GET /sagas/{id}: input, steps, history, actions.
@@ -310,6 +322,7 @@ async fn saga_body(
     body.push_str("</table>");
     body.push_str(&actions(st, caller, s));
     let events = st.ops.store.saga_events(id).await?;
+    body.push_str(&charts::timeline(s, &events));
     body.push_str("<h2>History</h2><ol class=timeline id=history>");
     for e in &events {
         let _ = write!(

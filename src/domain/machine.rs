@@ -342,8 +342,13 @@ pub fn decide(
         changed: Vec::new(),
         now,
     };
-    let took = match &fact {
-        Fact::Invoked { took, .. } => Some(*took),
+    let call = match &fact {
+        Fact::Invoked {
+            step,
+            attempt,
+            took,
+            ..
+        } => Some((*step, *attempt, *took)),
         _ => None,
     };
     match fact {
@@ -372,12 +377,16 @@ pub fn decide(
         Fact::OperatorAbort { actor, note } => d.operator_abort(&actor, &note)?,
         Fact::OperatorResolve { actor, note } => d.operator_resolve(&actor, &note)?,
     }
-    // A call's answer is the first entry its decision makes about a step
-    // (a misconfiguration suspends the saga without one).
-    if let (Some(took), Some(first)) = (took, d.events.first_mut()) {
-        if first.step.is_some() {
-            first.took = Some(took);
+    // A call's answer is the first entry of its decision. Where that entry
+    // is about the saga (an attempt that suspends it or starts its
+    // compensation), it names the step and attempt too, so that every call
+    // is in the history.
+    if let (Some((step, attempt, took)), Some(first)) = (call, d.events.first_mut()) {
+        if first.step.is_none() {
+            first.step = def.steps.get(step).map(|s| s.name.clone());
+            first.attempt = attempt;
         }
+        first.took = Some(took);
     }
     let mut changed = d.changed;
     changed.sort_unstable();

@@ -155,6 +155,21 @@ pub struct SagaCounts {
     pub stuck: i64,
 }
 
+/// Sagas started and ended in one minute (see [`SagaStore::saga_activity`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActivityMinute {
+    /// The minute's start (database clock).
+    pub minute: DateTime<Utc>,
+    /// Sagas created.
+    pub started: i64,
+    /// Sagas that completed.
+    pub completed: i64,
+    /// Sagas that finished compensating.
+    pub compensated: i64,
+    /// Sagas parked for an operator.
+    pub suspended: i64,
+}
+
 /// One stored history entry.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -243,6 +258,9 @@ pub trait SagaStore: Send + Sync + 'static {
         stuck: StuckRule,
         window: Duration,
     ) -> Result<SagaCounts, StoreError>;
+    /// Per minute since `since` (oldest first; minutes with nothing are
+    /// left out): sagas started, completed, compensated and suspended.
+    async fn saga_activity(&self, since: DateTime<Utc>) -> Result<Vec<ActivityMinute>, StoreError>;
     /// A saga's history, oldest first.
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError>;
     /// Writes an owner's decision, fenced on the lease's epoch. Returns the

@@ -20,8 +20,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts, SagaPage, SagaQuery,
-    SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
+    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
+    SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
@@ -80,6 +80,20 @@ pub fn is_connection_loss(e: &sqlx::Error) -> bool {
 pub const CHANNEL_SETTLED: &str = "sagad_settled";
 /// Notification channel: a saga became due for any coordinator.
 pub const CHANNEL_DUE: &str = "sagad_due";
+
+/// Sagas started (by `sagas.created_at`) and settled or parked (by their
+/// settling event, through its partial index) per minute since `$1`.
+/// Public for the query-plan test.
+pub const SAGA_ACTIVITY_SQL: &str = "
+    SELECT minute, kind, n FROM (
+        SELECT date_trunc('minute', created_at) AS minute, 'started' AS kind, count(*) AS n
+        FROM sagas WHERE created_at >= $1 GROUP BY 1
+        UNION ALL
+        SELECT date_trunc('minute', at), kind, count(*)
+        FROM saga_events
+        WHERE at >= $1 AND kind IN ('completed', 'compensated', 'suspended')
+        GROUP BY 1, 2
+    ) a ORDER BY minute, kind";
 
 /// `saga_counts`: per state (settled states only over the recent window),
 /// and stuck sagas; each count walks the state index and stops at
@@ -450,6 +464,34 @@ impl SagaStore for PgStore {
             }
         }
         Ok(counts)
+    }
+
+    async fn saga_activity(&self, since: DateTime<Utc>) -> Result<Vec<ActivityMinute>, StoreError> {
+        let rows = sqlx::query(SAGA_ACTIVITY_SQL)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<ActivityMinute> = Vec::new();
+        for r in rows {
+            let minute: DateTime<Utc> = r.try_get("minute")?;
+            let kind: String = r.try_get("kind")?;
+            let n: i64 = r.try_get("n")?;
+            if out.last().is_none_or(|m| m.minute != minute) {
+                out.push(ActivityMinute {
+                    minute,
+                    ..Default::default()
+                });
+            }
+            let Some(m) = out.last_mut() else { continue };
+            match kind.as_str() {
+                "started" => m.started = n,
+                "completed" => m.completed = n,
+                "compensated" => m.compensated = n,
+                "suspended" => m.suspended = n,
+                other => return Err(StoreError::Internal(format!("activity kind {other:?}"))),
+            }
+        }
+        Ok(out)
     }
 
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {
