@@ -452,3 +452,86 @@ async fn without_an_exporter_the_callers_context_is_passed_on() {
     assert_eq!(svc.calls_to("a.do")[1].traceparent, None);
     coord.shutdown().await;
 }
+
+/// The context is kept with the saga: after the coordinator that started it
+/// crashes mid-call, the one that takes over makes its calls in the same
+/// trace, under the same saga span, and emits that span when the saga ends.
+#[tokio::test]
+async fn a_takeover_continues_the_same_trace() {
+    let (collector, url) = Collector::start().await;
+    let db = TestDb::new().await;
+    let (svc, mut cfg) = common::with_svc(&db).await;
+    cfg.otlp_endpoint = Some(url);
+    cfg.lease_ttl_ms = 1_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let mut c = first.client().await;
+    common::register(
+        &mut c,
+        common::definition(
+            "ab",
+            vec![
+                common::step("a", "svc", true, true),
+                common::step("b", "svc", true, true),
+            ],
+        ),
+    )
+    .await;
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    svc.script(
+        "b.do",
+        vec![
+            common::Reply::Block(gate_rx.clone(), "{}".into()),
+            common::Reply::Block(gate_rx, "{}".into()),
+        ],
+    );
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = tonic::Request::new(saga_coordinator::proto::StartSagaRequest {
+        definition: "ab".into(),
+        input_json: "{}".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", caller.parse().unwrap());
+    let saga = c
+        .start_saga(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    svc.wait_calls("b.do", 1).await;
+    first.crash().await;
+    let second = TestCoordinator::start(cfg).await;
+    let mut c2 = second.client().await;
+    svc.wait_calls("b.do", 2).await;
+    gate.send(true).unwrap();
+    common::wait(&mut c2, &saga.saga_id).await;
+    second.shutdown().await;
+
+    let spans = collector
+        .until("the saga's span from the second coordinator", |s| {
+            !by(s, "sagad", "saga ab").is_empty()
+        })
+        .await;
+    let saga_span = by(&spans, "sagad", "saga ab")[0];
+    assert_eq!(saga_span.trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(saga_span.parent, "00f067aa0ba902b7", "the caller's span");
+    // Both coordinators' calls of b: same trace, children of the saga span.
+    let calls = svc.calls_to("b.do");
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        let tp = call.traceparent.unwrap();
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+    }
+    for s in by(&spans, "sagad", "action b") {
+        assert_eq!(s.parent, saga_span.span, "{s:?}");
+    }
+    assert!(
+        !by(&spans, "sagad", "action b").is_empty(),
+        "the second coordinator's call of b is exported: {spans:#?}"
+    );
+}
