@@ -196,48 +196,12 @@ pub fn timeline(saga: &Saga, events: &[StoredEvent]) -> String {
         .chain(events.last().map(|e| e.at))
         .max()
         .unwrap_or(t0);
-    let span_ms = (t1 - t0).num_microseconds().unwrap_or(i64::MAX).max(1) as f64 / 1e3;
-    let (w, label_w, row) = (720.0, 190.0, 18.0);
     let shown = &calls[..calls.len().min(TIMELINE_ROWS_MAX)];
-    let h = row * shown.len() as f64 + 18.0;
-    let x = |t: DateTime<Utc>| {
-        let ms = (t - t0).num_microseconds().unwrap_or(0) as f64 / 1e3;
-        label_w + (w - label_w - 4.0) * (ms / span_ms).clamp(0.0, 1.0)
-    };
-    let mut svg = format!(
-        "<svg id=timeline-chart class=chart viewBox='0 0 {w} {h}' role=img \
-         aria-label='The saga&#39;s calls over time'>"
-    );
-    for (i, c) in shown.iter().enumerate() {
-        let top = row * i as f64;
-        let (x0, x1) = (x(c.start), x(c.end));
-        let prev = if c.waited > chrono::Duration::zero() {
-            x(c.start - c.waited)
-        } else {
-            x0
-        };
-        let _ = write!(
-            svg,
-            "<text x=0 y={ty}>{label}</text>\
-             <line x1={prev:.1} y1={ly} x2={x0:.1} y2={ly} class=wait />\
-             <rect class='bar {outcome}' x={x0:.1} y={by} width={bw:.1} height=12>\
-             <title>{label}: {took}, waited {waited} before</title></rect>",
-            ty = top + 13.0,
-            ly = top + 9.0,
-            by = top + 3.0,
-            bw = (x1 - x0).max(2.0),
-            label = esc(&c.label),
-            outcome = esc(c.outcome),
-            took = human(c.end - c.start),
-            waited = human(c.waited),
-        );
-    }
     let _ = write!(
-        svg,
-        "<text x={label_w} y={h}>0</text><text x={w} y={h} text-anchor=end>{}</text></svg>",
-        human(t1 - t0)
+        out,
+        "<div class=chart-box>{}</div>",
+        timeline_svg(shown, t0, t1)
     );
-    let _ = write!(out, "<div class=chart-box>{svg}</div>");
     if calls.len() > shown.len() {
         let _ = write!(
             out,
@@ -263,6 +227,48 @@ pub fn timeline(saga: &Saga, events: &[StoredEvent]) -> String {
     }
     out.push_str("</table>");
     out
+}
+
+/// One row per call from `t0` to `t1`: the wait before it dashed, the call
+/// a bar.
+fn timeline_svg(calls: &[Call<'_>], t0: DateTime<Utc>, t1: DateTime<Utc>) -> String {
+    let span_ms = (t1 - t0).num_microseconds().unwrap_or(i64::MAX).max(1) as f64 / 1e3;
+    let (w, label_w, row) = (720.0, 190.0, 18.0);
+    let h = row * calls.len() as f64 + 18.0;
+    let x = |t: DateTime<Utc>| {
+        let ms = (t - t0).num_microseconds().unwrap_or(0) as f64 / 1e3;
+        label_w + (w - label_w - 4.0) * (ms / span_ms).clamp(0.0, 1.0)
+    };
+    let mut svg = format!(
+        "<svg id=timeline-chart class=chart viewBox='0 0 {w} {h}' role=img \
+         aria-label='The saga&#39;s calls over time'>"
+    );
+    for (i, c) in calls.iter().enumerate() {
+        let top = row * i as f64;
+        let (x0, x1) = (x(c.start), x(c.end));
+        let _ = write!(
+            svg,
+            "<text x=0 y={ty}>{label}</text>\
+             <line x1={prev:.1} y1={ly} x2={x0:.1} y2={ly} class=wait />\
+             <rect class='bar {outcome}' x={x0:.1} y={by} width={bw:.1} height=12>\
+             <title>{label}: {took}, waited {waited} before</title></rect>",
+            ty = top + 13.0,
+            ly = top + 9.0,
+            by = top + 3.0,
+            prev = x(c.start - c.waited),
+            bw = (x1 - x0).max(2.0),
+            label = esc(&c.label),
+            outcome = esc(c.outcome),
+            took = human(c.end - c.start),
+            waited = human(c.waited),
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x={label_w} y={h}>0</text><text x={w} y={h} text-anchor=end>{}</text></svg>",
+        human(t1 - t0)
+    );
+    svg
 }
 
 /// "850 µs", "12 ms", "1.25 s", "3.0 min".

@@ -47,6 +47,8 @@ pub use machine::*;
 pub use saga::*;
 
 #[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
 mod tests;
 
 /// Bad input, naming the offending field (e.g. `definition.steps[2].timeout`).

@@ -88,6 +88,23 @@ pub struct Invocation<'a> {
     pub traceparent: Option<String>,
 }
 
+/// Makes one call of a step's handler. The worker reaches participants
+/// only through this; [`Participants`] (gRPC) is the implementation `sagad`
+/// runs with.
+#[async_trait::async_trait]
+pub trait StepCaller: Send + Sync + 'static {
+    /// Invokes one handler and classifies the result. Never fails: every
+    /// failure is a [`CallResult`].
+    async fn invoke(&self, inv: Invocation<'_>) -> CallResult;
+}
+
+#[async_trait::async_trait]
+impl StepCaller for Participants {
+    async fn invoke(&self, inv: Invocation<'_>) -> CallResult {
+        Participants::invoke(self, inv).await
+    }
+}
+
 impl Participants {
     /// A caller; checks that every static endpoint is a valid URL.
     pub fn new(cfg: CallerConfig, store: Arc<dyn SagaStore>) -> Result<Self, String> {

@@ -10,27 +10,34 @@
 //!                        until Idle (settled) or Wait (released, due again later)
 //! ```
 //!
-//! A saga is driven by one task holding its lease. A decision is written in
-//! one statement fenced on the lease's epoch *before* the worker acts on it —
-//! except an idempotent action's result, which [`may_defer`] lets wait in
-//! memory for the next write (at most `CHECKPOINT_EVERY`). A write also
-//! extends the lease, and when the next plan is a wait or the saga settled,
-//! it releases the lease in the same statement. If the
-//! write finds the epoch moved on (`LeaseLost`), another coordinator or an
-//! operator took the saga and this task drops it at once.
+//! A saga is driven by one task holding its lease. What that task does is
+//! decided by the [`driver`], a pure state machine (see its essay): a
+//! decision is written in one statement fenced on the lease's epoch *before*
+//! the worker acts on it — except an idempotent action's result, which
+//! [`crate::domain::may_defer`] lets wait in memory for the next write (at
+//! most [`driver::CHECKPOINT_EVERY`]). This module is the thin runner that
+//! carries out the driver's actions against the store and the participants
+//! ([`StepCaller`]) and feeds back how they went, with the clock and a
+//! random draw; the simulation runs the same driver against an in-memory
+//! store. If a write finds the epoch moved on (`LeaseLost`), another
+//! coordinator or an operator took the saga and this task drops it at once.
 //!
 //! Recovery needs little special code: a coordinator that dies leaves its
 //! leases to expire; any coordinator then claims the saga, marks the steps
-//! the lost owner may have reached unwritten ([`assume_unrecorded`]), and
-//! [`plan`] reads where it stands — a non-idempotent action left `RUNNING` becomes
-//! [`Fact::Recovered`] (outcome unknown), anything else is simply invoked
-//! again with the same idempotency key.
+//! the lost owner may have reached unwritten
+//! ([`crate::domain::assume_unrecorded`]), and the plan reads where it
+//! stands — a non-idempotent action left `RUNNING` becomes recovered
+//! (outcome unknown), anything else is simply invoked again with the same
+//! idempotency key.
 //!
 //! Shutdown: `stop` ends claiming and makes every task release its saga at
 //! the next step boundary; `abandon` (after the grace period) drops calls in
 //! flight. The server then releases whatever this process still holds.
 
 mod clock;
+pub mod driver;
+#[cfg(test)]
+mod sim;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,21 +51,15 @@ use tracing::Instrument;
 
 pub use clock::DbClock;
 
-use crate::domain::{
-    assume_unrecorded, decide, deferrable, may_defer, plan, Decision, Definition, EventRecord,
-    Fact, Phase, Plan, Saga, SagaId,
-};
+use crate::domain::{Decision, Definition, EventRecord, Saga, SagaId};
 use crate::metrics::Metrics;
-use crate::participant::{Invocation, Participants};
+use crate::participant::{Invocation, StepCaller};
 use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
 use crate::telemetry::{CallSpan, Telemetry};
+use driver::{Action, Done, Driver, Input, Now};
 
 /// Waits up to this long get a local timer; longer ones rely on the poll.
 const LOCAL_WAKE_MAX: Duration = Duration::from_secs(60);
-
-/// Deferred decisions are written at the latest this long after the first
-/// of them, so the record (and the admin view) never trails a saga by more.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Worker limits and timings.
 #[derive(Debug, Clone)]
@@ -78,7 +79,7 @@ pub struct WorkerConfig {
 /// The worker's shared state.
 pub struct Worker {
     store: Arc<dyn SagaStore>,
-    participants: Arc<Participants>,
+    participants: Arc<dyn StepCaller>,
     owner: OwnerId,
     cfg: WorkerConfig,
     clock: DbClock,
@@ -101,7 +102,7 @@ impl Worker {
     /// [`Worker::drive`] is called.
     pub fn new(
         store: Arc<dyn SagaStore>,
-        participants: Arc<Participants>,
+        participants: Arc<dyn StepCaller>,
         owner: OwnerId,
         cfg: WorkerConfig,
         stop: CancellationToken,
@@ -314,130 +315,104 @@ impl Worker {
         Ok(Some(def))
     }
 
-    /// Drives one saga until it settles, waits, or the lease is lost.
-    async fn drive(self: &Arc<Self>, mut saga: Saga, lease: Lease, recovered: bool) -> Saga {
-        self.drive_saga(&mut saga, lease, recovered).await;
-        saga
-    }
-
-    /// The loop of [`Worker::drive`]; `saga` is left as last saved.
-    async fn drive_saga(self: &Arc<Self>, saga: &mut Saga, mut lease: Lease, recovered: bool) {
+    /// Drives one saga until it settles, waits, or the lease is lost;
+    /// returns the saga as driving left it.
+    async fn drive(self: &Arc<Self>, saga: Saga, lease: Lease, recovered: bool) -> Saga {
         let def = match self.definition(&saga.definition, saga.version).await {
             Ok(Some(d)) => d,
             Ok(None) => {
                 tracing::error!("cannot drive saga: its definition is missing");
                 self.release(&lease).await;
-                return;
+                return saga;
             }
             Err(error) => {
                 tracing::error!(%error, "cannot drive saga: definition unavailable");
                 self.release(&lease).await;
-                return;
+                return saga;
             }
         };
-        let mut unwritten = Unwritten::default();
-        if recovered {
-            let marked = assume_unrecorded(saga, &def);
-            if !marked.is_empty() {
-                tracing::info!(
-                    steps = ?marked,
-                    "the previous owner stopped without writing: these steps may have taken effect"
-                );
-                unwritten.dirty = true;
-            }
+        let (mut driver, marked) = Driver::new(saga, def, lease, self.cfg.lease_ttl, recovered);
+        if !marked.is_empty() {
+            tracing::info!(
+                steps = ?marked,
+                "the previous owner stopped without writing: these steps may have taken effect"
+            );
         }
+        if let Done::GivenBack(Some(until)) = self.run(&mut driver).await {
+            self.wake_at(until);
+        }
+        driver.into_saga()
+    }
+
+    /// Carries out the driver's actions until it is done.
+    async fn run(&self, driver: &mut Driver) -> Done {
+        let mut action = driver.start(self.now());
         loop {
-            let fact = match plan(saga, &def, self.clock.now()) {
-                // Only right after a claim: every write below that leads
-                // here has already released the lease.
-                Plan::Idle => return self.give_back(saga, &lease, &mut unwritten, None).await,
-                Plan::Wait { until } => {
-                    self.give_back(saga, &lease, &mut unwritten, Some(until))
-                        .await;
-                    return self.wake_at(until);
+            let input = match action {
+                Action::Done(done) => return done,
+                Action::Save {
+                    decision,
+                    settled,
+                    hold,
+                } => self.save(driver.lease(), &decision, settled, hold).await,
+                Action::Extend { ttl } => self.extend(driver.lease(), ttl).await,
+                Action::Release => {
+                    self.release(driver.lease()).await;
+                    Input::Released
                 }
-                Plan::DeadlinePassed => Fact::DeadlinePassed,
-                Plan::Recover { step } => Fact::Recovered { step },
-                Plan::Invoke {
+                Action::Call {
                     step,
                     phase,
                     attempt,
-                    pre_write,
+                    timeout,
+                    deadline,
                 } => {
-                    if self.stop.is_cancelled() {
-                        let now = self.clock.now();
-                        return self
-                            .give_back(saga, &lease, &mut unwritten, Some(now))
-                            .await;
-                    }
-                    if pre_write {
-                        let started = Fact::AttemptStarted { step };
-                        if self
-                            .apply(saga, &def, &mut lease, started, &mut unwritten)
-                            .await
-                            != Some(Held::Kept)
-                        {
-                            return;
-                        }
-                    }
-                    match self
-                        .invoke(saga, &def, &mut lease, step, phase, attempt)
-                        .await
-                    {
-                        Some(fact) => fact,
-                        None => return,
+                    let call = CallSpan {
+                        saga: driver.saga(),
+                        def: driver.definition(),
+                        step,
+                        phase,
+                        attempt,
+                    };
+                    match self.call(&call, timeout, deadline).await {
+                        Some(input) => input,
+                        None => return Done::Dropped,
                     }
                 }
             };
-            // Once a write released the saga, this task must not touch it
-            // again: another claim may already be driving it.
-            match self
-                .apply(saga, &def, &mut lease, fact, &mut unwritten)
-                .await
-            {
-                Some(Held::Kept) => {}
-                Some(Held::Released(Some(until))) => return self.wake_at(until),
-                Some(Held::Released(None)) | None => return,
-            }
+            action = driver.on(input, self.now());
         }
     }
 
-    /// Calls the participant for one attempt. `None`: stop driving (lease
-    /// lost, or shutdown abandoned the call).
-    async fn invoke(
+    /// The time and chance the driver's next step runs with.
+    fn now(&self) -> Now {
+        Now {
+            at: self.clock.now(),
+            jitter: rand::random(),
+            stopping: self.stop.is_cancelled(),
+        }
+    }
+
+    /// Calls the participant for one attempt. `None`: shutdown abandoned
+    /// the call.
+    async fn call(
         &self,
-        saga: &Saga,
-        def: &Definition,
-        lease: &mut Lease,
-        step: usize,
-        phase: Phase,
-        attempt: u32,
-    ) -> Option<Fact> {
-        let now = self.clock.now();
-        // The saga deadline caps the wait for an action before the pivot;
-        // DeadlinePassed follows at the next plan.
-        let mut timeout = def.steps[step].timeout;
-        if let (Some(d), Phase::Action) = (saga.deadline_at, phase) {
-            if def.pivot().is_none_or(|p| step <= p) {
-                let left = (d - now).to_std().unwrap_or(Duration::ZERO);
-                timeout = timeout.min(left.max(Duration::from_millis(1)));
-            }
-        }
-        if !self.cover_call(lease, timeout).await {
-            return None;
-        }
+        c: &CallSpan<'_>,
+        timeout: Duration,
+        deadline: DateTime<Utc>,
+    ) -> Option<Input> {
         let span = self
             .spans()
-            .zip(saga.trace.as_ref())
+            .zip(c.saga.trace.as_ref())
             .and_then(|(t, trace)| t.attempt_start(trace));
         let inv = Invocation {
-            saga,
-            def,
-            step,
-            phase,
-            attempt,
+            saga: c.saga,
+            def: c.def,
+            step: c.step,
+            phase: c.phase,
+            attempt: c.attempt,
             timeout,
-            deadline: now + to_chrono(timeout),
+            deadline,
             traceparent: span.map(|s| s.own.to_string()),
         };
         let started = std::time::Instant::now();
@@ -451,174 +426,65 @@ impl Worker {
         };
         drop(in_flight);
         let took = started.elapsed();
+        let (step, phase, attempt) = (c.step, c.phase, c.attempt);
         tracing::debug!(step, %phase, attempt, ?result, "participant answered");
         self.metrics
-            .step_attempt(&def.steps[step].participant, phase, &result, took);
+            .step_attempt(&c.def.steps[step].participant, phase, &result, took);
         if let (Some(t), Some(span)) = (self.spans(), span) {
-            let call = CallSpan {
-                saga,
-                def,
-                step,
-                phase,
-                attempt,
-            };
-            t.attempt_end(span, &call, &result);
+            t.attempt_end(span, c, &result);
         }
-        Some(Fact::Invoked {
-            step,
-            phase,
-            attempt,
-            result,
-            took,
-        })
+        Some(Input::Answered { result, took })
     }
 
-    /// Decides one fact and saves it, or keeps it in memory when
-    /// [`may_defer`] allows. Returns how the lease stands afterwards, or
-    /// `None` when this task must stop driving the saga.
-    async fn apply(
-        &self,
-        saga: &mut Saga,
-        def: &Definition,
-        lease: &mut Lease,
-        fact: Fact,
-        unwritten: &mut Unwritten,
-    ) -> Option<Held> {
-        let now = self.clock.now();
-        let jitter: f64 = rand::random();
-        let keepable = deferrable(&fact, def);
-        let decision = match decide(saga, def, fact, now, jitter) {
-            Ok(d) => d,
-            Err(error) => {
-                tracing::error!(%error, "state machine refused a fact; releasing the saga");
-                self.give_back(saga, lease, unwritten, Some(now)).await;
-                return None;
-            }
-        };
-        let next = plan(&decision.saga, def, now);
-        if keepable
-            && !self.stop.is_cancelled()
-            && unwritten
-                .since
-                .is_none_or(|t| t.elapsed() < CHECKPOINT_EVERY)
-            && may_defer(def, saga.state, &decision.saga, &next)
-        {
-            log_events(&decision.events);
-            unwritten.events.extend(decision.events);
-            unwritten.dirty = true;
-            unwritten.since.get_or_insert_with(std::time::Instant::now);
-            *saga = decision.saga;
-            return Some(Held::Kept);
-        }
-        let hold = match next {
-            Plan::Idle => Hold::Release(None),
-            Plan::Wait { until } => Hold::Release(Some(until)),
-            _ if self.stop.is_cancelled() => Hold::Release(Some(now)),
-            _ => Hold::Keep(self.cfg.lease_ttl),
-        };
-        let settled = decision.settled_now(saga.state);
+    /// Writes a decision, fenced on the lease.
+    async fn save(&self, lease: &Lease, decision: &Decision, settled: bool, hold: Hold) -> Input {
         log_events(&decision.events);
-        let mut decision = decision;
-        if !unwritten.events.is_empty() {
-            let mut events = std::mem::take(&mut unwritten.events);
-            events.append(&mut decision.events);
-            decision.events = events;
-        }
-        match self.store.saga_save(lease, &decision, settled, hold).await {
+        match self.store.saga_save(lease, decision, settled, hold).await {
             Ok(db_now) => {
                 self.clock.observe(db_now);
                 if settled {
-                    self.metrics.saga_settled(decision.saga.state);
-                    let took = (db_now - decision.saga.created_at)
-                        .to_std()
-                        .unwrap_or_default();
-                    self.metrics
-                        .saga_settle_time(&decision.saga.definition, took);
-                    if let Some(t) = self.spans().filter(|_| decision.saga.state.is_terminal()) {
-                        t.saga_end(&decision.saga, db_now);
-                    }
+                    self.settled(&decision.saga, db_now);
                 }
-                if let Hold::Keep(ttl) = hold {
-                    lease.until = db_now + to_chrono(ttl);
-                }
-                *unwritten = Unwritten::default();
-                *saga = decision.saga;
-                Some(match hold {
-                    Hold::Keep(_) => Held::Kept,
-                    Hold::Release(at) => Held::Released(at),
-                })
+                Input::Saved { db_now }
             }
             Err(StoreError::LeaseLost) => {
                 self.metrics.lease_lost();
                 tracing::warn!(
                     "lease lost: another coordinator or an operator took the saga; dropping it"
                 );
-                None
+                Input::LeaseLost
             }
             Err(error) => {
                 // The write may or may not have committed: leave the saga to
                 // its lease expiry, then whoever claims it reads the truth.
                 tracing::error!(%error, "saving a decision failed; the lease will expire");
-                None
+                Input::Failed
             }
         }
     }
 
-    /// Makes sure the lease outlives a call of `timeout`.
-    async fn cover_call(&self, lease: &mut Lease, timeout: Duration) -> bool {
-        let margin = self.cfg.lease_ttl / 2;
-        let needed = self.clock.now() + to_chrono(timeout + margin);
-        if lease.until >= needed {
-            return true;
+    /// A saga settled here: metrics, and its span when it ended.
+    fn settled(&self, saga: &Saga, db_now: DateTime<Utc>) {
+        self.metrics.saga_settled(saga.state);
+        let took = (db_now - saga.created_at).to_std().unwrap_or_default();
+        self.metrics.saga_settle_time(&saga.definition, took);
+        if let Some(t) = self.spans().filter(|_| saga.state.is_terminal()) {
+            t.saga_end(saga, db_now);
         }
-        match self
-            .store
-            .lease_extend(lease, (timeout + margin).max(self.cfg.lease_ttl))
-            .await
-        {
-            Ok(until) => {
-                lease.until = until;
-                true
-            }
+    }
+
+    /// Extends the lease before a call.
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Input {
+        match self.store.lease_extend(lease, ttl).await {
+            Ok(until) => Input::Extended { until },
             Err(error) => {
+                tracing::warn!(%error, "could not extend the lease before a call; dropping the saga");
                 if matches!(error, StoreError::LeaseLost) {
                     self.metrics.lease_lost();
+                    Input::LeaseLost
+                } else {
+                    Input::Failed
                 }
-                tracing::warn!(%error, "could not extend the lease before a call; dropping the saga");
-                false
-            }
-        }
-    }
-
-    /// Gives the saga back, due again at `at`: written whole if memory holds
-    /// anything its record lacks, else a bare lease release.
-    async fn give_back(
-        &self,
-        saga: &Saga,
-        lease: &Lease,
-        unwritten: &mut Unwritten,
-        at: Option<DateTime<Utc>>,
-    ) {
-        if !unwritten.dirty {
-            return self.release(lease).await;
-        }
-        let decision = Decision {
-            saga: saga.clone(),
-            events: std::mem::take(&mut unwritten.events),
-            changed_steps: Vec::new(),
-        };
-        match self
-            .store
-            .saga_save(lease, &decision, false, Hold::Release(at))
-            .await
-        {
-            Ok(db_now) => {
-                self.clock.observe(db_now);
-                *unwritten = Unwritten::default();
-            }
-            Err(StoreError::LeaseLost) => {}
-            Err(error) => {
-                tracing::warn!(%error, "giving a saga back failed; its lease will expire")
             }
         }
     }
@@ -665,17 +531,6 @@ struct Recent {
     order: std::collections::VecDeque<(std::time::Instant, SagaId)>,
 }
 
-/// Decisions made but not written yet (see [`may_defer`]).
-#[derive(Default)]
-struct Unwritten {
-    /// Events of the deferred decisions, in order.
-    events: Vec<EventRecord>,
-    /// The saga in memory differs from its record.
-    dirty: bool,
-    /// When the first of them was made.
-    since: Option<std::time::Instant>,
-}
-
 /// Logs a decision's events: the saga's settling at `info`, the rest (one
 /// per step attempt: the hot path) at `debug`.
 fn log_events(events: &[EventRecord]) {
@@ -690,19 +545,6 @@ fn log_events(events: &[EventRecord]) {
     }
 }
 
-/// How a write left the lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
-    /// Still ours: go on.
-    Kept,
-    /// Given back; due again at this time (`None`: settled).
-    Released(Option<DateTime<Utc>>),
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn to_chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }

@@ -208,3 +208,41 @@ async def test_shares_a_server_with_other_services(sagad: Sagad, client: Client)
     assert saga.step("a").output() == {"n": 42}
     await reg.stop()
     await server.stop(0)
+
+
+async def test_a_call_that_arrives_after_its_deadline_is_not_run() -> None:
+    import datetime as dt
+    import uuid
+
+    import grpc
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from saga_sdk._proto.saga.v1 import participant_pb2, participant_pb2_grpc
+
+    p = Participant("late")
+    runs: list[str] = []
+
+    @p.action("act")
+    def act(ctx: StepContext, _: Any) -> None:
+        runs.append(ctx.idempotency_key)
+
+    served = await p.serve()
+
+    def request(deadline: dt.datetime) -> Any:
+        ts = Timestamp()
+        ts.FromDatetime(deadline)
+        return participant_pb2.InvokeRequest(
+            saga_id=str(uuid.uuid4()), step="a", handler="act", idempotency_key="k",
+            phase=participant_pb2.PHASE_ACTION, input_json="{}", deadline=ts,
+        )
+
+    now = dt.datetime.now(dt.timezone.utc)
+    async with grpc.aio.insecure_channel(served.endpoint.removeprefix("http://")) as ch:
+        stub = participant_pb2_grpc.ParticipantServiceStub(ch)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Invoke(request(now - dt.timedelta(milliseconds=1)))
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert runs == []
+        await stub.Invoke(request(now + dt.timedelta(seconds=30)))
+        assert runs == ["k"]
+    await served.stop(0)

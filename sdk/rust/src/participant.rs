@@ -404,6 +404,15 @@ impl Participant {
         md: &tonic::metadata::MetadataMap,
     ) -> Result<proto::InvokeResponse, Status> {
         let ctx = StepContext::from_request(r)?;
+        // A call that arrives after its deadline is not run: the coordinator
+        // no longer waits for it, and its lease on the saga (which outlives
+        // the deadline) may be gone, so another coordinator may be driving
+        // the saga (a coordinator paused between deciding and sending).
+        if ctx.deadline.is_some_and(|d| SystemTime::now() > d) {
+            return Err(Status::deadline_exceeded(
+                "the call arrived after its deadline; not run",
+            ));
+        }
         let handlers = match ctx.phase {
             Phase::Action => &self.inner.actions,
             Phase::Compensation => &self.inner.compensations,

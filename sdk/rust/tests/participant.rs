@@ -473,3 +473,57 @@ async fn client_calls_and_typed_errors() {
         Err(ClientError::Connect { .. })
     ));
 }
+
+/// A call that reaches the participant after its deadline is not run: the
+/// coordinator's lease may be gone and another coordinator driving the saga.
+#[tokio::test]
+async fn a_call_that_arrives_after_its_deadline_is_not_run() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let counter = runs.clone();
+    let p = Participant::builder("late")
+        .action("act", move |_ctx, _: serde_json::Value| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build();
+    let (addr, _) = saga_sdk::serve_local(p, std::future::pending())
+        .await
+        .unwrap();
+    let mut c = saga_sdk::proto::participant_service_client::ParticipantServiceClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .unwrap();
+    let request = |deadline: std::time::SystemTime| {
+        let at = deadline.duration_since(std::time::UNIX_EPOCH).unwrap();
+        saga_sdk::proto::InvokeRequest {
+            saga_id: uuid::Uuid::new_v4().to_string(),
+            definition: "d".into(),
+            step: "s".into(),
+            phase: saga_sdk::proto::Phase::Action as i32,
+            handler: "act".into(),
+            attempt: 1,
+            idempotency_key: "k".into(),
+            input_json: "{}".into(),
+            deadline: Some(prost_types::Timestamp {
+                seconds: at.as_secs() as i64,
+                nanos: at.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let late = c
+        .invoke(request(now - Duration::from_millis(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler did not run");
+    c.invoke(request(now + Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

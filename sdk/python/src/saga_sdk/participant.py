@@ -231,6 +231,11 @@ class Participant:
                 f"participant {self.name!r} has no {phase.value} handler {request.handler!r}",
             )
         ctx = _context(request, phase)
+        # A call that arrives after its deadline is not run: the coordinator
+        # no longer waits, and its lease on the saga (which outlives the
+        # deadline) may be gone, with another coordinator driving the saga.
+        if ctx.deadline is not None and datetime.now(timezone.utc) > ctx.deadline:
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call arrived after its deadline; not run")
         try:
             args = _arguments(reg, ctx, phase)
         except (ValueError, TypeError) as e:
