@@ -10,7 +10,9 @@
 //! so a paused or partitioned coordinator cannot overwrite a newer owner's
 //! progress ([`StoreError::LeaseLost`]).
 
+pub(crate) mod encode;
 pub mod pg;
+pub mod sqlite;
 
 use std::time::Duration;
 

@@ -19,6 +19,7 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::encode::{current_progress, encode_steps, encode_trace, saga_bytes};
 use super::{
     ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
     SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
@@ -26,9 +27,7 @@ use super::{
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
 use lanes::{CreateRow, EventRow, Lanes, SaveRow};
-use rows::{
-    current_progress, decode_definition, decode_saga, encode_steps, encode_trace, SAGA_COLUMNS,
-};
+use rows::{decode_definition, decode_saga, SAGA_COLUMNS};
 
 /// The store seam's error for a driver error: connection loss — I/O, TLS,
 /// pool time-outs, a closed pool, an error of severity FATAL or PANIC (the
@@ -154,20 +153,6 @@ fn saga_list_rows_sql() -> &'static str {
                          OR current_attempts >= $7)))
          ORDER BY created_at DESC, saga_id DESC
          LIMIT $8"
-}
-
-/// What a saga weighs in a list answer: its input, outputs and errors.
-fn saga_bytes(s: &crate::domain::Saga) -> usize {
-    let steps: usize = s
-        .steps
-        .iter()
-        .map(|st| {
-            st.output.as_ref().map_or(0, String::len)
-                + st.last_error.as_ref().map_or(0, String::len)
-                + 64
-        })
-        .sum();
-    s.input.len() + s.error.as_ref().map_or(0, String::len) + steps + 256
 }
 
 /// The embedded migrations of `migrations/`.
