@@ -45,9 +45,13 @@ pub struct Config {
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
     /// PostgreSQL URL; the database is created if it does not exist and the
-    /// role may create it.
+    /// role may create it. Or `sqlite:PATH`: one node on a SQLite file
+    /// (created if missing), as `sagad dev` runs.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+    /// `dev`: run with zero set-up on an embedded SQLite file.
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
     /// Address of the gRPC API (CoordinatorService and grpc.health.v1).
     #[arg(long, env = "SAGAD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
@@ -253,7 +257,30 @@ fn parse_participant(s: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), url.to_owned()))
 }
 
+/// How `sagad` runs, beside its flags.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Mode {
+    /// Run the whole coordinator — gRPC API, worker, admin page, /metrics —
+    /// on an embedded SQLite file: nothing to install, one node (use
+    /// PostgreSQL to run several coordinators). Flags go before `dev`.
+    Dev {
+        /// Where the SQLite file (`sagad.db`) lives; created if missing.
+        #[arg(long, env = "SAGAD_DATA_DIR", default_value = ".sagad")]
+        data_dir: PathBuf,
+    },
+}
+
 impl Config {
+    /// The SQLite file to run on, if not PostgreSQL: `sagad dev`'s, or a
+    /// `sqlite:PATH` database URL's.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        if let Some(Mode::Dev { data_dir }) = &self.mode {
+            return Some(data_dir.join("sagad.db"));
+        }
+        let rest = self.database_url.strip_prefix("sqlite:")?;
+        Some(PathBuf::from(rest.strip_prefix("//").unwrap_or(rest)))
+    }
+
     /// A configuration with every default and the given database, for
     /// embedding and tests (no flags or environment read).
     pub fn with_database(database_url: &str) -> Config {
@@ -382,6 +409,15 @@ impl Config {
     /// beyond loopback without TLS and authentication unless told so
     /// explicitly (`--insecure-allow-plaintext`).
     pub fn check(&self) -> Result<(), String> {
+        if let Some(path) = self.sqlite_path() {
+            let name = path.to_string_lossy();
+            if name.is_empty() || name.starts_with(':') || name.contains("mode=memory") {
+                return Err(format!(
+                    "--database-url sqlite:{name}: name a file (an in-memory database would \
+                     lose every saga at exit)"
+                ));
+            }
+        }
         if !self.insecure_allow_plaintext {
             if let Some((flag, addr, why)) = self.exposures().into_iter().next() {
                 return Err(format!(

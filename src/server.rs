@@ -31,7 +31,8 @@ use crate::ops::Ops;
 use crate::participant::{CallerConfig, Participants};
 use crate::proto::coordinator_service_server::CoordinatorServiceServer;
 use crate::store::pg::{PgStore, CHANNEL_DUE, CHANNEL_SETTLED, MIGRATOR};
-use crate::store::{OwnerId, SagaStore, StuckRule};
+use crate::store::sqlite::{Notice, SqliteStore};
+use crate::store::{Database, OwnerId, SagaStore, StuckRule};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::tls::{Tls, TlsError, TlsListener};
 use crate::worker::{Worker, WorkerConfig};
@@ -71,11 +72,22 @@ pub enum Error {
     /// A TLS certificate, key or CA does not load.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The SQLite file cannot be used (or another sagad has it).
+    #[error(transparent)]
+    Sqlite(#[from] crate::store::sqlite::OpenError),
 }
 
-/// Connects to the database, creating it if it is missing, and applies the
+/// Connects to the database — PostgreSQL, or a SQLite file for a
+/// `sqlite:PATH` URL — creating it if it is missing, and applies the
 /// migrations.
-pub async fn connect(cfg: &Config) -> Result<PgPool, Error> {
+pub async fn connect(cfg: &Config) -> Result<Database, Error> {
+    match cfg.sqlite_path() {
+        Some(path) => Ok(Database::Sqlite(SqliteStore::open(&path).await?)),
+        None => Ok(Database::Postgres(connect_postgres(cfg).await?)),
+    }
+}
+
+async fn connect_postgres(cfg: &Config) -> Result<PgPool, Error> {
     let url = &cfg.database_url;
     let db_err = |source| Error::Database {
         url: redact_url(url),
@@ -203,14 +215,14 @@ impl Coordinator {
 /// coordinator stops when `stop` is cancelled.
 pub async fn start(
     cfg: Config,
-    pool: PgPool,
+    db: Database,
     stop: CancellationToken,
 ) -> Result<Coordinator, Error> {
     cfg.check().map_err(Error::Config)?;
     for warning in cfg.warnings() {
         tracing::warn!("{warning}");
     }
-    let parts = Parts::build(&cfg, pool.clone(), stop.clone())?;
+    let parts = Parts::build(&cfg, db.clone(), stop.clone())?;
     let (grpc_listener, grpc_addr) = bind("gRPC", cfg.grpc_addr).await?;
     let (admin_listener, admin_addr) = bind("admin", cfg.admin_addr).await?;
 
@@ -263,13 +275,21 @@ pub async fn start(
     let tasks = Tasks {
         grpc,
         admin,
-        listener: tokio::spawn(listen(
-            pool,
-            parts.worker.clone(),
-            parts.settled,
-            Duration::from_millis(cfg.db_listen_retry_ms),
-            stop.clone(),
-        )),
+        listener: match db {
+            Database::Postgres(pool) => tokio::spawn(listen(
+                pool,
+                parts.worker.clone(),
+                parts.settled,
+                Duration::from_millis(cfg.db_listen_retry_ms),
+                stop.clone(),
+            )),
+            Database::Sqlite(store) => tokio::spawn(listen_local(
+                store.notices(),
+                parts.worker.clone(),
+                parts.settled,
+                stop.clone(),
+            )),
+        },
         claimer: tokio::spawn(parts.worker.clone().run_claim_loop()),
     };
     let owner = parts.worker.owner();
@@ -307,11 +327,17 @@ struct Parts {
 }
 
 impl Parts {
-    fn build(cfg: &Config, pool: PgPool, stop: CancellationToken) -> Result<Parts, Error> {
+    fn build(cfg: &Config, db: Database, stop: CancellationToken) -> Result<Parts, Error> {
         let auth = Arc::new(Authenticator::new(cfg.auth()).map_err(Error::Config)?);
-        let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
-        let metrics = Arc::new(Metrics::with_db_writes(pg.db_writes()));
-        let store: Arc<dyn SagaStore> = Arc::new(pg);
+        let (store, metrics): (Arc<dyn SagaStore>, Metrics) = match &db {
+            Database::Postgres(pool) => {
+                let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
+                let metrics = Metrics::with_db_writes(pg.db_writes());
+                (Arc::new(pg), metrics)
+            }
+            Database::Sqlite(s) => (Arc::new(s.clone()), Metrics::default()),
+        };
+        let metrics = Arc::new(metrics);
         let participants = Participants::new(
             CallerConfig {
                 statics: cfg.static_participants(),
@@ -350,7 +376,7 @@ impl Parts {
         };
         let admin = AdminState::new(
             ops.clone(),
-            pool,
+            db,
             metrics.clone(),
             auth.clone(),
             admin_config(cfg, stuck),
@@ -573,15 +599,46 @@ async fn listen(
     }
 }
 
+/// Forwards the SQLite store's notices as `listen` does PostgreSQL's: one
+/// node, so the notices come from this process's own writes.
+async fn listen_local(
+    mut notices: broadcast::Receiver<Notice>,
+    worker: Arc<Worker>,
+    settled: broadcast::Sender<Uuid>,
+    stop: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = notices.recv() => n,
+        };
+        match notice {
+            Ok(Notice::Settled(id)) => {
+                let _ = settled.send(id);
+            }
+            Ok(Notice::Due) => worker.wake(),
+            // Fell behind: everyone re-reads.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let _ = settled.send(Uuid::nil());
+                worker.wake();
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Runs a coordinator until SIGTERM or Ctrl-C.
 pub async fn run(cfg: Config) -> Result<(), Error> {
     // Refuse bad settings and unreadable auth files before touching the
     // database.
     cfg.check().map_err(Error::Config)?;
     Authenticator::new(cfg.auth()).map_err(Error::Config)?;
-    let pool = connect(&cfg).await?;
+    let db = connect(&cfg).await?;
+    if let Database::Sqlite(store) = &db {
+        tracing::info!(file = %store.path().display(), "on SQLite: a single node (run several coordinators on PostgreSQL)");
+    }
     let stop = CancellationToken::new();
-    let coordinator = start(cfg, pool, stop.clone()).await?;
+    let coordinator = start(cfg, db, stop.clone()).await?;
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(
         coordinator.tls(),

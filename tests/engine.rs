@@ -1,5 +1,6 @@
-//! End-to-end: real `sagad` on 127.0.0.1, real PostgreSQL, scripted tonic
-//! participants. One test per behaviour of DESIGN.md's execution contract.
+//! End-to-end: real `sagad` on 127.0.0.1, on real PostgreSQL and on a real
+//! SQLite file, scripted tonic participants. One test per behaviour of
+//! DESIGN.md's execution contract, each run on both stores.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -18,8 +19,8 @@ struct Env {
     _db: TestDb,
 }
 
-async fn env() -> Env {
-    let db = TestDb::new().await;
+async fn env(store: Store) -> Env {
+    let db = TestDb::on(store).await;
     let svc = Scripted::default();
     let url = svc.clone().serve().await;
     let mut cfg = test_config(&db);
@@ -46,9 +47,8 @@ fn abc() -> proto::SagaDefinition {
     )
 }
 
-#[tokio::test]
-async fn happy_path_passes_input_and_outputs_forward() {
-    let mut e = env().await;
+async fn happy_path_passes_input_and_outputs_forward(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     let saga = start(&mut e.client, "abc", r#"{"order": 7}"#).await;
     let saga = wait(&mut e.client, &saga.saga_id).await;
@@ -79,9 +79,8 @@ async fn happy_path_passes_input_and_outputs_forward() {
     );
 }
 
-#[tokio::test]
-async fn refusal_compensates_earlier_steps_in_reverse_not_the_refused_one() {
-    let mut e = env().await;
+async fn refusal_compensates_earlier_steps_in_reverse_not_the_refused_one(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc
         .script("c.do", vec![Reply::Fail("card declined".into())]);
@@ -116,9 +115,8 @@ async fn refusal_compensates_earlier_steps_in_reverse_not_the_refused_one() {
     );
 }
 
-#[tokio::test]
-async fn outcome_retry_is_retried_even_when_not_idempotent() {
-    let mut e = env().await;
+async fn outcome_retry_is_retried_even_when_not_idempotent(store: Store) {
+    let mut e = env(store).await;
     let mut def = abc();
     def.steps[1].idempotent = false;
     register(&mut e.client, def).await;
@@ -140,9 +138,8 @@ async fn outcome_retry_is_retried_even_when_not_idempotent() {
         .all(|c| c.req.idempotency_key == calls[0].req.idempotency_key));
 }
 
-#[tokio::test]
-async fn outcome_retry_budget_spent_compensates_earlier_steps_only() {
-    let mut e = env().await;
+async fn outcome_retry_budget_spent_compensates_earlier_steps_only(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc.script("b.do", vec![Reply::Retry("busy".into()); 3]);
     let saga = start(&mut e.client, "abc", "{}").await;
@@ -159,9 +156,8 @@ async fn outcome_retry_budget_spent_compensates_earlier_steps_only() {
     assert_eq!(e.svc.calls_to("a.undo").len(), 1);
 }
 
-#[tokio::test]
-async fn transient_errors_are_retried_for_idempotent_steps() {
-    let mut e = env().await;
+async fn transient_errors_are_retried_for_idempotent_steps(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc.script(
         "b.do",
@@ -176,9 +172,8 @@ async fn transient_errors_are_retried_for_idempotent_steps() {
     assert_eq!(saga.steps[1].attempts, 3);
 }
 
-#[tokio::test]
-async fn every_transient_code_is_retried() {
-    let mut e = env().await;
+async fn every_transient_code_is_retried(store: Store) {
+    let mut e = env(store).await;
     let mut def = definition("one", vec![step("a", "svc", true, true)]);
     def.steps[0].retry.as_mut().unwrap().max_attempts = 8;
     register(&mut e.client, def).await;
@@ -199,9 +194,8 @@ async fn every_transient_code_is_retried() {
     assert_eq!(saga.steps[0].attempts, 8);
 }
 
-#[tokio::test]
-async fn unknown_outcome_of_non_idempotent_step_compensates_it_too() {
-    let mut e = env().await;
+async fn unknown_outcome_of_non_idempotent_step_compensates_it_too(store: Store) {
+    let mut e = env(store).await;
     let mut def = abc();
     def.steps[1].idempotent = false;
     register(&mut e.client, def).await;
@@ -217,9 +211,8 @@ async fn unknown_outcome_of_non_idempotent_step_compensates_it_too() {
     );
 }
 
-#[tokio::test]
-async fn unknown_outcome_with_budget_spent_compensates_it_too() {
-    let mut e = env().await;
+async fn unknown_outcome_with_budget_spent_compensates_it_too(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc
         .script("b.do", vec![Reply::Status(Code::Unavailable); 3]);
@@ -232,9 +225,8 @@ async fn unknown_outcome_with_budget_spent_compensates_it_too() {
     );
 }
 
-#[tokio::test]
-async fn unknown_outcome_at_or_after_the_pivot_suspends() {
-    let mut e = env().await;
+async fn unknown_outcome_at_or_after_the_pivot_suspends(store: Store) {
+    let mut e = env(store).await;
     // a compensatable, p pivot (not idempotent), r retriable.
     let def = definition(
         "piv",
@@ -264,9 +256,8 @@ async fn unknown_outcome_at_or_after_the_pivot_suspends() {
     assert_eq!(saga.steps[2].attempts, 3);
 }
 
-#[tokio::test]
-async fn refusal_after_the_pivot_suspends() {
-    let mut e = env().await;
+async fn refusal_after_the_pivot_suspends(store: Store) {
+    let mut e = env(store).await;
     let def = definition(
         "piv",
         vec![
@@ -284,9 +275,8 @@ async fn refusal_after_the_pivot_suspends() {
     assert!(e.svc.calls_to("a.undo").is_empty());
 }
 
-#[tokio::test]
-async fn misconfiguration_codes_suspend_at_once() {
-    let mut e = env().await;
+async fn misconfiguration_codes_suspend_at_once(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     for (code, name) in [
         (Code::Unimplemented, "UNIMPLEMENTED"),
@@ -315,9 +305,8 @@ async fn misconfiguration_codes_suspend_at_once() {
     );
 }
 
-#[tokio::test]
-async fn compensation_answers_follow_the_table() {
-    let mut e = env().await;
+async fn compensation_answers_follow_the_table(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     // FAILED counts as RETRY, transient is retried: then it succeeds.
     e.svc.script("c.do", vec![Reply::Fail("no".into())]);
@@ -356,9 +345,8 @@ async fn compensation_answers_follow_the_table() {
     assert_eq!(saga.steps[1].compensation_attempts, 1);
 }
 
-#[tokio::test]
-async fn retries_count_and_back_off_within_the_policy() {
-    let mut e = env().await;
+async fn retries_count_and_back_off_within_the_policy(store: Store) {
+    let mut e = env(store).await;
     let mut def = definition("one", vec![step("a", "svc", true, true)]);
     def.steps[0].retry = Some(proto::RetryPolicy {
         max_attempts: 4,
@@ -402,9 +390,8 @@ async fn retries_count_and_back_off_within_the_policy() {
     }
 }
 
-#[tokio::test]
-async fn a_hanging_call_times_out_per_attempt() {
-    let mut e = env().await;
+async fn a_hanging_call_times_out_per_attempt(store: Store) {
+    let mut e = env(store).await;
     let mut def = definition("one", vec![step("a", "svc", true, true)]);
     def.steps[0].timeout = Some(ms(150));
     register(&mut e.client, def).await;
@@ -436,9 +423,8 @@ async fn a_hanging_call_times_out_per_attempt() {
     );
 }
 
-#[tokio::test]
-async fn the_saga_deadline_compensates_before_the_pivot() {
-    let mut e = env().await;
+async fn the_saga_deadline_compensates_before_the_pivot(store: Store) {
+    let mut e = env(store).await;
     let mut def = abc();
     def.deadline = Some(ms(400));
     register(&mut e.client, def).await;
@@ -454,9 +440,8 @@ async fn the_saga_deadline_compensates_before_the_pivot() {
     assert!(k.contains(&"deadline_exceeded".to_string()), "{k:?}");
 }
 
-#[tokio::test]
-async fn operator_retry_resumes_a_suspended_saga() {
-    let mut e = env().await;
+async fn operator_retry_resumes_a_suspended_saga(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc
         .script("b.do", vec![Reply::Status(Code::Unimplemented)]);
@@ -478,9 +463,8 @@ async fn operator_retry_resumes_a_suspended_saga() {
     assert_eq!(retry.detail, "by alice: deployed fix");
 }
 
-#[tokio::test]
-async fn operator_abort_only_before_the_pivot() {
-    let mut e = env().await;
+async fn operator_abort_only_before_the_pivot(store: Store) {
+    let mut e = env(store).await;
     let def = definition(
         "piv",
         vec![
@@ -527,9 +511,8 @@ async fn operator_abort_only_before_the_pivot() {
     assert_eq!(events(&mut e.client, &saga.saga_id).await.len(), before);
 }
 
-#[tokio::test]
-async fn operator_abort_of_a_running_saga_compensates_the_step_in_flight() {
-    let mut e = env().await;
+async fn operator_abort_of_a_running_saga_compensates_the_step_in_flight(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     let (gate, gate_rx) = tokio::sync::watch::channel(false);
     e.svc
@@ -571,9 +554,8 @@ async fn operator_abort_of_a_running_saga_compensates_the_step_in_flight() {
     assert_eq!(step_states(&after), step_states(&done));
 }
 
-#[tokio::test]
-async fn resolve_needs_a_note_and_a_suspended_saga() {
-    let mut e = env().await;
+async fn resolve_needs_a_note_and_a_suspended_saga(store: Store) {
+    let mut e = env(store).await;
     register(&mut e.client, abc()).await;
     e.svc
         .script("a.do", vec![Reply::Status(Code::Unimplemented)]);
@@ -622,9 +604,8 @@ async fn resolve_needs_a_note_and_a_suspended_saga() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
-#[tokio::test]
-async fn no_live_instance_is_transient_and_heartbeats_register_endpoints() {
-    let mut e = env().await;
+async fn no_live_instance_is_transient_and_heartbeats_register_endpoints(store: Store) {
+    let mut e = env(store).await;
     let mut s = step("a", "ghost", false, true);
     s.retry.as_mut().unwrap().max_attempts = 2;
     register(&mut e.client, definition("ghost", vec![s])).await;
@@ -676,9 +657,13 @@ async fn channels_of_dead_participant_instances_are_dropped() {
     use saga_coordinator::store::{pg::PgStore, SagaStore};
 
     let db = TestDb::new().await;
-    let pool = saga_coordinator::server::connect(&test_config(&db))
-        .await
-        .unwrap();
+    let saga_coordinator::store::Database::Postgres(pool) =
+        saga_coordinator::server::connect(&test_config(&db))
+            .await
+            .unwrap()
+    else {
+        panic!("not PostgreSQL")
+    };
     let store: Arc<dyn SagaStore> = Arc::new(PgStore::with_write_lanes(pool, 1));
     let caller = Participants::new(
         CallerConfig {
@@ -756,3 +741,39 @@ async fn channels_of_dead_participant_instances_are_dropped() {
     assert_eq!(caller.channels(), 1);
     assert_eq!((a.calls().len(), b.calls().len()), (1, 3));
 }
+
+/// Every behaviour above runs on PostgreSQL and on SQLite, through the same
+/// harness.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::Store::Postgres).await; })*
+        }
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::Store::Sqlite).await; })*
+        }
+    };
+}
+
+on_both_stores!(
+    happy_path_passes_input_and_outputs_forward,
+    refusal_compensates_earlier_steps_in_reverse_not_the_refused_one,
+    outcome_retry_is_retried_even_when_not_idempotent,
+    outcome_retry_budget_spent_compensates_earlier_steps_only,
+    transient_errors_are_retried_for_idempotent_steps,
+    every_transient_code_is_retried,
+    unknown_outcome_of_non_idempotent_step_compensates_it_too,
+    unknown_outcome_with_budget_spent_compensates_it_too,
+    unknown_outcome_at_or_after_the_pivot_suspends,
+    refusal_after_the_pivot_suspends,
+    misconfiguration_codes_suspend_at_once,
+    compensation_answers_follow_the_table,
+    retries_count_and_back_off_within_the_policy,
+    a_hanging_call_times_out_per_attempt,
+    the_saga_deadline_compensates_before_the_pivot,
+    operator_retry_resumes_a_suspended_saga,
+    operator_abort_only_before_the_pivot,
+    operator_abort_of_a_running_saga_compensates_the_step_in_flight,
+    resolve_needs_a_note_and_a_suspended_saga,
+    no_live_instance_is_transient_and_heartbeats_register_endpoints,
+);

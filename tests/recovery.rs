@@ -14,14 +14,16 @@ fn participants(url: &str) -> Vec<(String, String)> {
 
 /// A coordinator with a 1 s lease over one participant `svc`, and an
 /// "abc" definition of three idempotent, compensatable steps registered.
-async fn three_idempotent_steps() -> (
+async fn three_idempotent_steps(
+    store: Store,
+) -> (
     TestDb,
     Scripted,
     saga_coordinator::config::Config,
     TestCoordinator,
     Client,
 ) {
-    let db = TestDb::new().await;
+    let db = TestDb::on(store).await;
     let svc = Scripted::default();
     let url = svc.clone().serve().await;
     let mut cfg = test_config(&db);
@@ -44,10 +46,9 @@ async fn three_idempotent_steps() -> (
     (db, svc, cfg, first, c1)
 }
 
-#[tokio::test]
-async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effects() {
+async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effects(store: Store) {
     // `_db` (not `_`) keeps the database until the test ends.
-    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps().await;
+    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps(store).await;
     let (gate, gate_rx) = watch::channel(false);
     svc.script(
         "b.do",
@@ -100,10 +101,9 @@ async fn a_crashed_coordinators_saga_is_finished_by_another_without_double_effec
     second.shutdown().await;
 }
 
-#[tokio::test]
-async fn steps_a_lost_coordinator_reached_without_writing_are_compensated() {
+async fn steps_a_lost_coordinator_reached_without_writing_are_compensated(store: Store) {
     // `_db` (not `_`) keeps the database until the test ends.
-    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps().await;
+    let (_db, svc, cfg, first, mut c1) = three_idempotent_steps(store).await;
     // The first coordinator gets a and b done (results not written yet:
     // idempotent results wait for the next write) and dies calling c.
     // Then b's service goes down for the second coordinator.
@@ -139,9 +139,8 @@ async fn steps_a_lost_coordinator_reached_without_writing_are_compensated() {
     second.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_non_idempotent_step_in_flight_at_a_crash_has_an_unknown_outcome() {
-    let db = TestDb::new().await;
+async fn a_non_idempotent_step_in_flight_at_a_crash_has_an_unknown_outcome(store: Store) {
+    let db = TestDb::on(store).await;
     let svc = Scripted::default();
     let url = svc.clone().serve().await;
     let mut cfg = test_config(&db);
@@ -314,3 +313,22 @@ async fn graceful_shutdown_releases_sagas_for_others_at_once() {
     );
     second.shutdown().await;
 }
+
+/// Recovery after a crash runs on PostgreSQL and on SQLite (one node: the
+/// next coordinator starts after the crashed one is gone).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::Store::Postgres).await; })*
+        }
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::Store::Sqlite).await; })*
+        }
+    };
+}
+
+on_both_stores!(
+    a_crashed_coordinators_saga_is_finished_by_another_without_double_effects,
+    steps_a_lost_coordinator_reached_without_writing_are_compensated,
+    a_non_idempotent_step_in_flight_at_a_crash_has_an_unknown_outcome,
+);

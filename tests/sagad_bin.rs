@@ -286,3 +286,72 @@ async fn json_logs_are_one_object_per_line_with_the_saga_id() {
     assert_eq!(suspended["span"]["saga_id"], saga.saga_id, "{suspended}");
     assert!(suspended["span"]["epoch"].is_number(), "{suspended}");
 }
+
+/// `sagad dev`: the whole coordinator on a SQLite file, no database server;
+/// a saga runs, the admin server is ready, and a second `sagad` on the same
+/// file is refused with one line saying why. An in-memory SQLite URL is
+/// refused (it would lose every saga at exit).
+#[tokio::test]
+async fn dev_runs_on_sqlite_and_refuses_a_second_process_on_its_file() {
+    let dir = std::env::temp_dir().join(format!("sagad-dev-{}", uuid::Uuid::new_v4()));
+    let data_dir = dir.to_string_lossy().into_owned();
+    let svc = common::Scripted::default();
+    let url = svc.clone().serve().await;
+    let (mut child, _, started, _rest) = spawn_started(&[
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--participant",
+        &format!("svc={url}"),
+        "dev",
+        "--data-dir",
+        &data_dir,
+    ]);
+    let grpc = log_field(&started, "grpc_addr");
+    let admin = log_field(&started, "admin_addr");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = common::client_on(channel, None);
+    common::register(
+        &mut c,
+        common::definition("abc", vec![common::step("a", "svc", true, true)]),
+    )
+    .await;
+    let saga = common::start(&mut c, "abc", "{}").await;
+    let done = common::wait(&mut c, &saga.saga_id).await;
+    assert_eq!(
+        common::state(&done),
+        saga_coordinator::proto::SagaState::Completed
+    );
+    let ready = common::http(admin.parse().unwrap(), "GET", "/readyz", &[], "").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(dir.join("sagad.db").exists());
+
+    let second = sagad()
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["dev", "--data-dir", &data_dir])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8(second.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("in use by another sagad") && err.contains("PostgreSQL"),
+        "{err}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let memory = sagad()
+        .args(["--database-url", "sqlite::memory:"])
+        .output()
+        .unwrap();
+    assert!(!memory.status.success());
+    let err = String::from_utf8(memory.stderr).unwrap();
+    assert!(err.contains("name a file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

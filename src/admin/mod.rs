@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::store::Database;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
@@ -42,7 +43,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use sqlx::PgPool;
 
 use crate::auth::{AuthError, Authenticator, Need, Principal};
 use crate::limits::KeyedBuckets;
@@ -98,7 +98,7 @@ pub(super) struct Caller {
 /// Shared state of the admin handlers.
 pub struct AdminState {
     ops: Ops,
-    pool: PgPool,
+    db: Database,
     metrics: Arc<Metrics>,
     auth: Arc<Authenticator>,
     cfg: AdminConfig,
@@ -115,14 +115,14 @@ impl AdminState {
     /// The state of an admin server.
     pub fn new(
         ops: Ops,
-        pool: PgPool,
+        db: Database,
         metrics: Arc<Metrics>,
         auth: Arc<Authenticator>,
         cfg: AdminConfig,
     ) -> Arc<Self> {
         Arc::new(AdminState {
             ops,
-            pool,
+            db,
             metrics,
             auth,
             failures: KeyedBuckets::new(
@@ -479,7 +479,7 @@ async fn metrics(
 async fn readyz(
     axum::extract::State(st): axum::extract::State<Arc<AdminState>>,
 ) -> impl IntoResponse {
-    let probe = sqlx::query("SELECT 1").execute(&st.pool);
+    let probe = st.db.ping();
     match tokio::time::timeout(st.cfg.readyz_timeout, probe).await {
         Ok(Ok(_)) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         _ => (

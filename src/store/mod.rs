@@ -22,6 +22,28 @@ use uuid::Uuid;
 
 use crate::domain::{Decision, Definition, EventKind, Saga, SagaId, SagaState};
 
+/// The database a coordinator runs on.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// PostgreSQL: several coordinators may share it.
+    Postgres(sqlx::PgPool),
+    /// One SQLite file: one coordinator (`sagad dev`).
+    Sqlite(sqlite::SqliteStore),
+}
+
+impl Database {
+    /// Answers a trivial query (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Database::Postgres(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                Ok(())
+            }
+            Database::Sqlite(s) => s.ping().await,
+        }
+    }
+}
+
 /// Identifies one coordinator process (a fresh UUID per start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerId(pub Uuid);

@@ -49,13 +49,37 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A database that exists for one test and is dropped after it.
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Postgres,
+    Sqlite,
+}
+
+/// A database that exists for one test and is dropped after it: a fresh
+/// PostgreSQL database, or a fresh SQLite file.
 pub struct TestDb {
     pub url: String,
     name: String,
+    sqlite_dir: Option<std::path::PathBuf>,
 }
 
 impl TestDb {
+    /// A fresh database on `store`.
+    pub async fn on(store: Store) -> TestDb {
+        match store {
+            Store::Postgres => TestDb::new().await,
+            Store::Sqlite => {
+                let dir = std::env::temp_dir().join(format!("sagatest-{}", uuid::Uuid::new_v4()));
+                TestDb {
+                    url: format!("sqlite:{}", dir.join("sagad.db").display()),
+                    name: String::new(),
+                    sqlite_dir: Some(dir),
+                }
+            }
+        }
+    }
+
     pub async fn new() -> TestDb {
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -69,6 +93,7 @@ impl TestDb {
         TestDb {
             url: format!("{base}/{name}"),
             name,
+            sqlite_dir: None,
         }
     }
 
@@ -102,6 +127,10 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if let Some(dir) = &self.sqlite_dir {
+            let _ = std::fs::remove_dir_all(dir);
+            return;
+        }
         let (admin, name) = (admin_url(), self.name.clone());
         // Drop runs outside async; use a small runtime on its own thread.
         let _ = std::thread::spawn(move || {

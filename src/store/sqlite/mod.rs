@@ -47,12 +47,26 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// Readers at once (WAL lets them run beside the writer).
 const READERS_MAX: u32 = 4;
 
+/// What the store tells the coordinator after a write (as PostgreSQL's
+/// `NOTIFY` does): a saga settled, or work became due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// This saga reached a state `WaitSaga` returns on.
+    Settled(uuid::Uuid),
+    /// A saga became due (now or at a time given back).
+    Due,
+}
+
+/// Notices kept for a slow listener; beyond, it re-reads.
+const NOTICES_MAX: usize = 4_096;
+
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     path: PathBuf,
+    notices: tokio::sync::broadcast::Sender<Notice>,
     /// Held while the store is open: the single-node lock.
     _lock: std::sync::Arc<std::fs::File>,
 }
@@ -135,8 +149,19 @@ impl SqliteStore {
             write,
             read,
             path: path.to_owned(),
+            notices: tokio::sync::broadcast::channel(NOTICES_MAX).0,
             _lock: std::sync::Arc::new(lock),
         })
+    }
+
+    /// The notices of this store's writes.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    fn notify(&self, n: Notice) {
+        // No listener: nobody to tell.
+        let _ = self.notices.send(n);
     }
 
     /// The database file.
@@ -355,6 +380,9 @@ impl SagaStore for SqliteStore {
         };
         insert_events(&mut tx, saga.id, 0, std::slice::from_ref(&started)).await?;
         tx.commit().await.db()?;
+        if owner.is_none() {
+            self.notify(Notice::Due);
+        }
         let lease = owner.zip(until).map(|(owner, until)| Lease {
             saga_id: saga.id,
             owner,
@@ -538,7 +566,7 @@ impl SagaStore for SqliteStore {
         &self,
         lease: &Lease,
         d: &Decision,
-        _settled: bool,
+        settled: bool,
         hold: Hold,
     ) -> Result<DateTime<Utc>, StoreError> {
         let t = now();
@@ -579,6 +607,12 @@ impl SagaStore for SqliteStore {
         };
         insert_events(&mut tx, lease.saga_id, base, &d.events).await?;
         tx.commit().await.db()?;
+        if settled {
+            self.notify(Notice::Settled(lease.saga_id.0));
+        }
+        if next_run_at.is_some() && owner.is_none() {
+            self.notify(Notice::Due);
+        }
         Ok(t)
     }
 
@@ -586,7 +620,7 @@ impl SagaStore for SqliteStore {
         &self,
         seen: &SagaRecord,
         d: &Decision,
-        _settled: bool,
+        settled: bool,
         require_unleased: bool,
     ) -> Result<(), StoreError> {
         let t = now();
@@ -632,6 +666,12 @@ impl SagaStore for SqliteStore {
         };
         insert_events(&mut tx, seen.saga.id, base, &d.events).await?;
         tx.commit().await.db()?;
+        if settled {
+            self.notify(Notice::Settled(seen.saga.id.0));
+        }
+        if due {
+            self.notify(Notice::Due);
+        }
         Ok(())
     }
 
@@ -728,6 +768,7 @@ impl SagaStore for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::LeaseLost);
         }
+        self.notify(Notice::Due);
         Ok(())
     }
 
@@ -744,6 +785,9 @@ impl SagaStore for SqliteStore {
         .execute(&self.write)
         .await
         .db()?;
+        if done.rows_affected() > 0 {
+            self.notify(Notice::Due);
+        }
         Ok(done.rows_affected())
     }
 

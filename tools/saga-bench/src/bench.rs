@@ -39,7 +39,8 @@ pub struct Args {
     #[arg(long)]
     pub sagad_admin: Option<String>,
     /// The database sagad uses (for pg_stat_database and the commit
-    /// ceiling); recreated when saga-bench starts its own sagad.
+    /// ceiling); recreated when saga-bench starts its own sagad. Or
+    /// `sqlite:PATH`: sagad on a SQLite file (no database statistics then).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/saga_bench")]
     pub database_url: String,
     /// The sagad binary to start (default: next to saga-bench).
@@ -117,10 +118,11 @@ pub struct Level {
     pub max_ms: f64,
     /// Median `StartSaga` latency (durably started), milliseconds.
     pub start_p50_ms: f64,
-    /// PostgreSQL commits per saga (xact_commit delta / sagas).
-    pub commits_per_saga: f64,
-    /// Rows inserted + updated + deleted per saga.
-    pub rows_per_saga: f64,
+    /// PostgreSQL commits per saga (xact_commit delta / sagas); none on
+    /// SQLite.
+    pub commits_per_saga: Option<f64>,
+    /// Rows inserted + updated + deleted per saga (PostgreSQL).
+    pub rows_per_saga: Option<f64>,
     /// sagad CPU seconds per 1,000 sagas (when saga-bench started it).
     pub sagad_cpu_s_per_1000: Option<f64>,
     /// CPU seconds of the local PostgreSQL server (every process) per
@@ -337,8 +339,19 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             auth: None,
         });
     }
-    if sqlx::Postgres::database_exists(&args.database_url).await? {
-        sqlx::Postgres::drop_database(&args.database_url).await?;
+    match sqlite_file(&args.database_url) {
+        Some(file) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut f = file.clone().into_os_string();
+                f.push(suffix);
+                let _ = std::fs::remove_file(f);
+            }
+        }
+        None => {
+            if sqlx::Postgres::database_exists(&args.database_url).await? {
+                sqlx::Postgres::drop_database(&args.database_url).await?;
+            }
+        }
     }
     let bin = match &args.sagad_bin {
         Some(b) => b.clone(),
@@ -530,28 +543,35 @@ fn certificate() -> anyhow::Result<(String, std::path::PathBuf)> {
     Ok((ca_pem, dir))
 }
 
+/// The SQLite file of a `sqlite:PATH` URL.
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    Some(rest.strip_prefix("//").unwrap_or(rest).into())
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct PgStats {
     commits: i64,
     rows: i64,
 }
 
-async fn pg_stats(pool: &PgPool) -> anyhow::Result<PgStats> {
+async fn pg_stats(pool: Option<&PgPool>) -> anyhow::Result<Option<PgStats>> {
+    let Some(pool) = pool else { return Ok(None) };
     let r = sqlx::query(
         "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted AS rows
          FROM pg_stat_database WHERE datname = current_database()",
     )
     .fetch_one(pool)
     .await?;
-    Ok(PgStats {
+    Ok(Some(PgStats {
         commits: r.try_get("xact_commit")?,
         rows: r.try_get("rows")?,
-    })
+    }))
 }
 
 /// pg_stat_database once the backends' pending statistics are flushed
 /// (see [`Args::stats_settle_secs`]).
-async fn settled_stats(pool: &PgPool, settle_secs: f64) -> anyhow::Result<PgStats> {
+async fn settled_stats(pool: Option<&PgPool>, settle_secs: f64) -> anyhow::Result<Option<PgStats>> {
     tokio::time::sleep(Duration::from_secs_f64(settle_secs.max(0.0))).await;
     pg_stats(pool).await
 }
@@ -581,15 +601,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let sagad = start_sagad(&args, &participant_url).await?;
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let pool = PgPoolOptions::new()
-        .max_connections(max_c + 2)
-        .connect(&args.database_url)
-        .await?;
-    let version: String = sqlx::query_scalar("SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
-        .fetch_one(&pool)
-        .await?;
+    let pool = match sqlite_file(&args.database_url) {
+        Some(_) => None,
+        None => Some(
+            PgPoolOptions::new()
+                .max_connections(max_c + 2)
+                .connect(&args.database_url)
+                .await?,
+        ),
+    };
+    let version: String = match &pool {
+        Some(pool) => {
+            let v: String = sqlx::query_scalar("SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
+                .fetch_one(pool)
+                .await?;
+            format!("PostgreSQL {v}")
+        }
+        None => format!("SQLite {} (WAL, synchronous=FULL)", args.database_url),
+    };
     println!(
-        "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; {}, {}; PostgreSQL {version}",
+        "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; {}, {}; {version}",
         args.steps,
         args.concurrency,
         args.duration_secs,
@@ -646,7 +677,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
         .await?;
     if let Some(n) = args.list_memory {
-        return crate::list_memory::run(&sagad, &pool, channel, &name, args.steps, n).await;
+        let Some(pool) = &pool else {
+            bail!("--list-memory needs PostgreSQL (it reads the inputs' sizes there)");
+        };
+        return crate::list_memory::run(&sagad, pool, channel, &name, args.steps, n).await;
     }
 
     if args.warmup_secs > 0.0 {
@@ -655,17 +689,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             stats_settle_secs: 0.0,
             ..args.clone()
         };
-        let skip = pg_stats(&pool).await?;
-        run_level(&warm, &sagad, &pool, channel.clone(), &name, 1, skip).await?;
+        let skip = pg_stats(pool.as_ref()).await?;
+        run_level(
+            &warm,
+            &sagad,
+            pool.as_ref(),
+            channel.clone(),
+            &name,
+            1,
+            skip,
+        )
+        .await?;
     }
     // Each level's settled "after" is the next one's "before".
-    let mut stats = settled_stats(&pool, args.stats_settle_secs).await?;
+    let mut stats = settled_stats(pool.as_ref(), args.stats_settle_secs).await?;
     let mut levels = Vec::new();
     for &c in &args.concurrency {
         let (level, after) = run_level(
             &args,
             &sagad,
-            &pool,
+            pool.as_ref(),
             channel.clone(),
             &name,
             c.max(1),
@@ -678,16 +721,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The ceilings run after every saga level: statistics of idle backends
     // reach pg_stat_database late, and the ceiling's inserts must not leak
     // into a saga level's figures.
-    if !args.no_ceiling {
+    if let (false, Some(pool)) = (args.no_ceiling, &pool) {
         for level in levels.iter_mut() {
-            let t = commit_ceiling(&pool, level.concurrency, args.duration_secs.min(5.0)).await?;
+            let t = commit_ceiling(pool, level.concurrency, args.duration_secs.min(5.0)).await?;
             level.ceiling_commits_per_sec = Some(t);
-            level.ceiling_fraction = Some(level.sagas_per_sec * level.commits_per_saga / t);
+            level.ceiling_fraction = level
+                .commits_per_saga
+                .map(|commits| level.sagas_per_sec * commits / t);
         }
     }
     for level in &levels {
         println!(
-            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {:.2} commits/saga  {:.1} rows/saga  cpu sagad {} postgres {}  ceiling {}  errors {}",
+            "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {} commits/saga  {} rows/saga  cpu sagad {} postgres {}  ceiling {}  errors {}",
             level.concurrency,
             level.sagas_per_sec,
             level.p50_ms,
@@ -695,8 +740,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             level.p99_ms,
             level.max_ms,
             level.start_p50_ms,
-            level.commits_per_saga,
-            level.rows_per_saga,
+            level.commits_per_saga.map(|c| format!("{c:.2}")).unwrap_or_else(|| "n/a".into()),
+            level.rows_per_saga.map(|r| format!("{r:.1}")).unwrap_or_else(|| "n/a".into()),
             level.sagad_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
             level.postgres_cpu_s_per_1000.map(|c| format!("{c:.2} s/1000")).unwrap_or_else(|| "n/a".into()),
             match (level.ceiling_commits_per_sec, level.ceiling_fraction) {
@@ -749,12 +794,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 async fn run_level(
     args: &Args,
     sagad: &Sagad,
-    pool: &PgPool,
+    pool: Option<&PgPool>,
     channel: tonic::transport::Channel,
     name: &str,
     c: u32,
-    before: PgStats,
-) -> anyhow::Result<(Level, PgStats)> {
+    before: Option<PgStats>,
+) -> anyhow::Result<(Level, Option<PgStats>)> {
     let cpu_before = sagad.cpu_secs();
     let pg_cpu_before = postgres_cpu_secs();
     let scrape_before = match sagad.admin.as_deref() {
@@ -890,7 +935,9 @@ async fn run_level(
         }
     };
     // Our own two stats reads are commits too.
-    let commits_per_saga = per(after.commits - before.commits - 2);
+    let commits_per_saga = before
+        .zip(after)
+        .map(|(b, a)| per(a.commits - b.commits - 2));
     let sagas_per_sec = sagas as f64 / seconds;
     let level = Level {
         concurrency: c,
@@ -908,7 +955,7 @@ async fn run_level(
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(0.0),
         commits_per_saga,
-        rows_per_saga: per(after.rows - before.rows),
+        rows_per_saga: before.zip(after).map(|(b, a)| per(a.rows - b.rows)),
         sagad_cpu_s_per_1000: cpu
             .filter(|_| sagas > 0)
             .map(|c| c * 1_000.0 / sagas as f64),

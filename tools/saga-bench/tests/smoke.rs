@@ -25,7 +25,14 @@ fn sagad_bin() -> std::path::PathBuf {
 /// concurrency 2, a second, no warm-up); returns its results.json and the
 /// output folder (the chart is beside it).
 async fn run_bench(args: &[&str]) -> (serde_json::Value, std::path::PathBuf) {
-    let db = common::TestDb::new().await;
+    run_bench_on(common::Store::Postgres, args).await
+}
+
+async fn run_bench_on(
+    store: common::Store,
+    args: &[&str],
+) -> (serde_json::Value, std::path::PathBuf) {
+    let db = common::TestDb::on(store).await;
     let out = std::env::temp_dir().join(format!("saga-bench-{}", uuid::Uuid::new_v4()));
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"));
     cmd.args(["--database-url", &db.url, "--concurrency", "2"])
@@ -73,6 +80,20 @@ async fn saga_bench_runs_and_writes_its_report() {
     assert!(std::fs::read_to_string(out.join("chart.svg"))
         .unwrap()
         .starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `--database-url sqlite:PATH`: sagad on SQLite; no PostgreSQL figures.
+#[tokio::test]
+async fn saga_bench_runs_on_sqlite() {
+    let (report, out) = run_bench_on(common::Store::Sqlite, &["--fail-fraction", "0.25"]).await;
+    let level = &report["levels"][0];
+    assert_eq!(level["errors"], 0);
+    assert!(level["sagas"].as_u64().unwrap() > 0);
+    assert!(level["compensated"].as_u64().unwrap() > 0);
+    assert!(level["commits_per_saga"].is_null());
+    assert!(level["ceiling_commits_per_sec"].is_null());
+    assert!(level["step_call_mean_ms"].as_f64().unwrap() > 0.0);
     let _ = std::fs::remove_dir_all(&out);
 }
 
