@@ -49,6 +49,10 @@ pub struct Config {
     /// (created if missing), as `sagad dev` runs.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+    /// Delete settled sagas (COMPLETED, COMPENSATED, RESOLVED) and their
+    /// history this many days after they settled; 0 keeps them for ever.
+    #[arg(long, env = "SAGAD_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u32,
     /// `dev`: run with zero set-up on an embedded SQLite file.
     #[command(subcommand)]
     pub mode: Option<Mode>,

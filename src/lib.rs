@@ -33,6 +33,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ops;
 pub mod participant;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -150,6 +150,7 @@ pub struct Metrics {
     takeovers: AtomicU64,
     leases_lost: AtomicU64,
     calls_in_flight: AtomicU64,
+    purged: AtomicU64,
     db_writes: Option<std::sync::Arc<DbWrites>>,
 }
 
@@ -221,6 +222,11 @@ impl Metrics {
     /// back (its lease expired).
     pub fn lease_takeover(&self) {
         self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retention deleted `n` settled sagas.
+    pub fn sagas_purged(&self, n: u64) {
+        self.purged.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A write found that another coordinator or an operator had taken the
@@ -331,6 +337,7 @@ impl Metrics {
             ("sagad_lease_takeovers_total", "counter", "Sagas this coordinator took over after another's lease expired.", self.takeovers.load(Ordering::Relaxed)),
             ("sagad_leases_lost_total", "counter", "Sagas this coordinator dropped because another coordinator or an operator took them.", self.leases_lost.load(Ordering::Relaxed)),
             ("sagad_participant_calls_in_flight", "gauge", "Participant calls waiting for an answer.", self.calls_in_flight.load(Ordering::Relaxed)),
+            ("sagad_sagas_purged_total", "counter", "Settled sagas this coordinator deleted under --retention-days, with their history.", self.purged.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, v) in rows {
             let _ = writeln!(

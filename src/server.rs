@@ -291,6 +291,15 @@ pub async fn start(
             )),
         },
         claimer: tokio::spawn(parts.worker.clone().run_claim_loop()),
+        retention: (cfg.retention_days > 0).then(|| {
+            tokio::spawn(crate::retention::run(
+                parts.store.clone(),
+                parts.worker.clone(),
+                parts.metrics.clone(),
+                Duration::from_secs(u64::from(cfg.retention_days) * 86_400),
+                stop.clone(),
+            ))
+        }),
     };
     let owner = parts.worker.owner();
     let auth = parts.auth.clone();
@@ -318,6 +327,7 @@ pub async fn start(
 /// The parts of a coordinator, wired but not yet serving.
 struct Parts {
     store: Arc<dyn SagaStore>,
+    metrics: Arc<Metrics>,
     worker: Arc<Worker>,
     api: CoordinatorApi,
     admin: Arc<AdminState>,
@@ -385,7 +395,7 @@ impl Parts {
         let (settled, _) = broadcast::channel(notices);
         let api = CoordinatorApi::new(
             ops,
-            metrics,
+            metrics.clone(),
             settled.clone(),
             stop,
             auth.clone(),
@@ -393,6 +403,7 @@ impl Parts {
         );
         Ok(Parts {
             store,
+            metrics,
             worker,
             api,
             admin,
@@ -498,6 +509,7 @@ struct Tasks {
     admin: JoinHandle<()>,
     listener: JoinHandle<()>,
     claimer: JoinHandle<()>,
+    retention: Option<JoinHandle<()>>,
 }
 
 /// Waits for `stop`, then shuts down in the order the module comment gives.
@@ -516,6 +528,9 @@ async fn shut_down(
         .set_not_serving::<CoordinatorServiceServer<CoordinatorApi>>()
         .await;
     let _ = tasks.claimer.await;
+    if let Some(retention) = tasks.retention {
+        let _ = retention.await;
+    }
     worker.tasks().close();
     if tokio::time::timeout(grace, worker.tasks().wait())
         .await

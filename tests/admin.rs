@@ -715,6 +715,25 @@ async fn admin_queries_use_indexes_with_100k_sagas() {
         !unbounded_seq_scan(&plan, false),
         "activity scans a whole table: {plan}"
     );
+    // Retention finds the oldest settled sagas through their index.
+    let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        saga_coordinator::store::pg::SAGA_PURGE_SQL
+    )))
+    .bind(chrono::Utc::now() - chrono::Duration::hours(12))
+    .bind(500i64)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!("plan for purge: {plan}");
+    assert!(
+        plan.to_string().contains("sagas_settled_updated_at_idx"),
+        "purge does not use the settled index: {plan}"
+    );
+    assert!(
+        !unbounded_seq_scan(&plan, false),
+        "purge scans sagas: {plan}"
+    );
     // And the page renders.
     let page = get(&e, "/?state=SUSPENDED").await;
     assert_eq!(page.status, 200);

@@ -145,6 +145,7 @@ conformance!(
     listing_filters_and_pages_by_keyset,
     counts_stuck_and_activity,
     heartbeats_expire_and_withdraw,
+    retention_deletes_only_settled_sagas_older_than_the_setting,
 );
 
 async fn definitions_are_versioned_by_content(f: &Fixture) {
@@ -689,4 +690,69 @@ async fn heartbeats_expire_and_withdraw(f: &Fixture) {
         vec!["http://127.0.0.1:9"]
     );
     assert!(s.participant_endpoints("nobody").await.unwrap().is_empty());
+}
+
+async fn retention_deletes_only_settled_sagas_older_than_the_setting(f: &Fixture) {
+    let ttl = Duration::from_secs(60);
+    let settle = |fact: Fact| {
+        let f = &f;
+        async move {
+            let (id, Some(lease)) = f.create("{}", Some((owner(), ttl))).await else {
+                panic!("no lease")
+            };
+            let rec = f.store.saga_get(id).await.unwrap().unwrap();
+            let mut d = decide(&rec.saga, &f.def, fact, rec.saga.updated_at, 0.0).unwrap();
+            if d.saga.state == SagaState::Running {
+                d = decide(&d.saga, &f.def, succeeded(1), rec.saga.updated_at, 0.0).unwrap();
+            }
+            f.store
+                .saga_save(&lease, &d, true, Hold::Release(None))
+                .await
+                .unwrap();
+            (id, d.saga.state)
+        }
+    };
+    let (completed, s1) = settle(succeeded(0)).await;
+    let refused = Fact::Invoked {
+        step: 0,
+        phase: Phase::Action,
+        attempt: 1,
+        result: CallResult::Failed("no".into()),
+        took: Duration::from_millis(1),
+    };
+    let (compensated, s2) = settle(refused).await;
+    let misconfigured = Fact::Invoked {
+        step: 0,
+        phase: Phase::Action,
+        attempt: 1,
+        result: CallResult::Misconfigured("UNIMPLEMENTED".into()),
+        took: Duration::from_millis(1),
+    };
+    let (suspended, s3) = settle(misconfigured).await;
+    assert_eq!(
+        (s1, s2, s3),
+        (
+            SagaState::Completed,
+            SagaState::Compensated,
+            SagaState::Suspended
+        )
+    );
+    let (running, _) = f.create("{}", None).await;
+    // Nothing settled before an hour ago.
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(f.store.saga_purge(hour_ago, 500).await.unwrap(), 0);
+    // Everything settled before a moment from now, one batch at a time:
+    // only the completed and the compensated saga, with their history.
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(f.store.saga_purge(later, 1).await.unwrap(), 1);
+    assert_eq!(f.store.saga_purge(later, 500).await.unwrap(), 1);
+    assert_eq!(f.store.saga_purge(later, 500).await.unwrap(), 0);
+    for gone in [completed, compensated] {
+        assert!(f.store.saga_get(gone).await.unwrap().is_none());
+        assert!(f.store.saga_events(gone).await.unwrap().is_empty());
+    }
+    for kept in [suspended, running] {
+        assert!(f.store.saga_get(kept).await.unwrap().is_some());
+        assert!(!f.store.saga_events(kept).await.unwrap().is_empty());
+    }
 }

@@ -285,6 +285,15 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Per minute since `since` (oldest first; minutes with nothing are
     /// left out): sagas started, completed, compensated and suspended.
     async fn saga_activity(&self, since: DateTime<Utc>) -> Result<Vec<ActivityMinute>, StoreError>;
+    /// Deletes up to `limit` settled sagas (COMPLETED, COMPENSATED,
+    /// RESOLVED) last changed before `settled_before`, oldest first, with
+    /// their history; returns how many. One short statement: rows another
+    /// purge holds are skipped, never waited for.
+    async fn saga_purge(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
     /// A saga's history, oldest first.
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError>;
     /// Writes an owner's decision, fenced on the lease's epoch. Returns the

@@ -149,3 +149,21 @@ async def test_async_barrier_races_and_compensates(db: str) -> None:
     await b.compensation(ctx(other, Phase.COMPENSATION), cancel)
     with pytest.raises(Refused):
         await b.action(ctx(other, Phase.ACTION), book)
+
+
+def test_purge_deletes_only_records_older_than_the_age(db: str) -> None:
+    from datetime import timedelta
+
+    barrier = Barrier(db)
+    for _ in range(5):
+        barrier.action(ctx(uuid.uuid4(), Phase.ACTION), lambda conn: 1)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("UPDATE saga_barrier SET created_at = now() - interval '40 days'")
+    young = ctx(uuid.uuid4(), Phase.ACTION)
+    barrier.action(young, lambda conn: 1)
+    assert barrier.purge_older_than(timedelta(days=30), batch=2) == 5
+    with psycopg.connect(db, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM saga_barrier").fetchone()
+    assert row is not None and row[0] == 1
+    # The young record still answers a duplicate with the first result.
+    assert barrier.action(young, lambda conn: 2) == 1

@@ -29,6 +29,8 @@
 //! [`MIGRATION`] with your own migrations). Your handler's SQL must run on
 //! the connection it is given, so it commits or rolls back with the record.
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -88,6 +90,35 @@ impl Barrier {
     pub async fn create_table(&self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql(MIGRATION).execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Deletes barrier records older than `age`, in batches of `batch`
+    /// rows (short statements that hold no long locks); returns how many.
+    ///
+    /// A record is what makes a late duplicate harmless, so `age` must be
+    /// longer than any saga of yours can still call this service: at least
+    /// the coordinator's `--retention-days` (a settled saga calls nobody),
+    /// plus the longest a saga may run.
+    pub async fn purge_older_than(&self, age: Duration, batch: u32) -> Result<u64, sqlx::Error> {
+        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM saga_barrier WHERE ctid IN (
+                    SELECT ctid FROM saga_barrier
+                    WHERE created_at < now() - $1 * interval '1 millisecond'
+                    LIMIT $2)",
+            )
+            .bind(age_ms)
+            .bind(i64::from(batch.max(1)))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += n;
+            if n < u64::from(batch.max(1)) {
+                return Ok(total);
+            }
+        }
     }
 
     /// Runs an action's database work `f` at most once per saga step.

@@ -266,3 +266,28 @@ async fn a_compensation_racing_its_action_waits_and_then_undoes_it() {
         "the booking is undone"
     );
 }
+
+#[tokio::test]
+async fn purge_deletes_only_records_older_than_the_age_in_batches() {
+    let (_db, pool, barrier) = setup().await;
+    for _ in 0..5 {
+        let c = ctx(uuid::Uuid::new_v4(), "hotel", Phase::Action);
+        book(&c, &barrier, 1).await.unwrap();
+    }
+    sqlx::query("UPDATE saga_barrier SET created_at = now() - interval '40 days'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let young = ctx(uuid::Uuid::new_v4(), "hotel", Phase::Action);
+    book(&young, &barrier, 1).await.unwrap();
+    let month = std::time::Duration::from_secs(30 * 86_400);
+    assert_eq!(barrier.purge_older_than(month, 2).await.unwrap(), 5);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_barrier")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "the young record stays");
+    assert_eq!(barrier.purge_older_than(month, 2).await.unwrap(), 0);
+    // The young record still makes a duplicate harmless.
+    assert_eq!(book(&young, &barrier, 2).await.unwrap(), 1);
+}

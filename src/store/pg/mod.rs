@@ -94,6 +94,18 @@ pub const SAGA_ACTIVITY_SQL: &str = "
         GROUP BY 1, 2
     ) a ORDER BY minute, kind";
 
+/// `saga_purge`: the oldest settled sagas through their partial index, their
+/// history by cascade. Public for the query-plan test.
+pub const SAGA_PURGE_SQL: &str = "
+    WITH doomed AS (
+        SELECT saga_id FROM sagas
+        WHERE state IN ('COMPLETED', 'COMPENSATED', 'RESOLVED') AND updated_at < $1
+        ORDER BY updated_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM sagas s USING doomed d WHERE s.saga_id = d.saga_id";
+
 /// `saga_counts`: per state (settled states only over the recent window),
 /// and stuck sagas; each count walks the state index and stops at
 /// [`crate::store::COUNT_CAP`], so the admin page costs the same with a
@@ -477,6 +489,19 @@ impl SagaStore for PgStore {
             }
         }
         Ok(out)
+    }
+
+    async fn saga_purge(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(SAGA_PURGE_SQL)
+            .bind(settled_before)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {

@@ -550,6 +550,26 @@ impl SagaStore for SqliteStore {
         Ok(out)
     }
 
+    async fn saga_purge(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // History goes by cascade (foreign keys are on).
+        let done = sqlx::query(
+            "DELETE FROM sagas WHERE saga_id IN (
+                SELECT saga_id FROM sagas
+                WHERE state IN ('COMPLETED', 'COMPENSATED', 'RESOLVED') AND updated_at < ?
+                ORDER BY updated_at LIMIT ?)",
+        )
+        .bind(us(settled_before))
+        .bind(i64::from(limit))
+        .execute(&self.write)
+        .await
+        .db()?;
+        Ok(done.rows_affected())
+    }
+
     async fn saga_events(&self, id: SagaId) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at, kind, step, attempt, detail, took_ms FROM saga_events

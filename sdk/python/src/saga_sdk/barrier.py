@@ -32,6 +32,7 @@ connection it is given, so it commits or rolls back with the record.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -68,6 +69,12 @@ def _replay(ctx: StepContext, state: str, output: str | None) -> Any:
     return json.loads(output) if output is not None else None
 
 
+_PURGE = (
+    "DELETE FROM saga_barrier WHERE ctid IN ("
+    " SELECT ctid FROM saga_barrier WHERE created_at < now() - %s LIMIT %s)"
+)
+
+
 class Barrier:
     """The barrier over blocking psycopg connections."""
 
@@ -84,6 +91,19 @@ class Barrier:
         """Creates the barrier table if it does not exist."""
         with self._connect() as conn:
             conn.execute(MIGRATION.encode())
+
+    def purge_older_than(self, age: timedelta, batch: int = 500) -> int:
+        """Deletes barrier records older than ``age`` in batches of ``batch``
+        rows; returns how many. ``age`` must be longer than any saga may
+        still call this service: at least the coordinator's
+        ``--retention-days`` plus the longest a saga may run."""
+        total = 0
+        with self._connect() as conn:
+            while True:
+                n = conn.execute(_PURGE, (age, max(batch, 1))).rowcount
+                total += n
+                if n < max(batch, 1):
+                    return total
 
     def action(self, ctx: StepContext, fn: Callable[[psycopg.Connection[Any]], T]) -> Any:
         """Runs an action's database work ``fn`` at most once per saga step;
@@ -134,6 +154,16 @@ class AsyncBarrier:
         """Creates the barrier table if it does not exist."""
         async with await self._connect() as conn:
             await conn.execute(MIGRATION.encode())
+
+    async def purge_older_than(self, age: timedelta, batch: int = 500) -> int:
+        """As :meth:`Barrier.purge_older_than`."""
+        total = 0
+        async with await self._connect() as conn:
+            while True:
+                n = (await conn.execute(_PURGE, (age, max(batch, 1)))).rowcount
+                total += n
+                if n < max(batch, 1):
+                    return total
 
     async def action(
         self, ctx: StepContext, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
