@@ -107,17 +107,33 @@ pub const SAGA_PURGE_SQL: &str = "
     DELETE FROM sagas s USING doomed d WHERE s.saga_id = d.saga_id";
 
 /// `saga_counts`: per state (settled states only over the recent window),
-/// and stuck sagas; each count walks the state index and stops at
-/// [`crate::store::COUNT_CAP`], so the admin page costs the same with a
-/// million sagas as with ten. Public for the query-plan test.
+/// and stuck sagas; each count walks the (state, created_at) index and stops
+/// at [`crate::store::COUNT_CAP`], so the admin page costs the same with a
+/// million sagas as with ten. One branch per state, each with its state as
+/// a literal: a state taken from a list makes the planner pick one generic
+/// plan for all of them, a sequential scan that reads the whole table for
+/// a state with no rows. Public for the query-plan test.
 pub const SAGA_COUNTS_SQL: &str = "
-    SELECT v.state, (SELECT count(*) FROM (
-               SELECT 1 FROM sagas s
-               WHERE s.state = v.state
-                 AND (NOT v.settled OR s.created_at > now() - $1 * interval '1 millisecond')
-               LIMIT $4) t) AS n
-    FROM (VALUES ('RUNNING', false), ('COMPENSATING', false), ('SUSPENDED', false),
-                 ('COMPLETED', true), ('COMPENSATED', true), ('RESOLVED', true)) AS v(state, settled)
+    SELECT 'RUNNING' AS state,
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'RUNNING' LIMIT $4) t) AS n
+    UNION ALL
+    SELECT 'COMPENSATING',
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'COMPENSATING' LIMIT $4) t)
+    UNION ALL
+    SELECT 'SUSPENDED',
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'SUSPENDED' LIMIT $4) t)
+    UNION ALL
+    SELECT 'COMPLETED',
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'COMPLETED'
+              AND created_at > now() - $1 * interval '1 millisecond' LIMIT $4) t)
+    UNION ALL
+    SELECT 'COMPENSATED',
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'COMPENSATED'
+              AND created_at > now() - $1 * interval '1 millisecond' LIMIT $4) t)
+    UNION ALL
+    SELECT 'RESOLVED',
+           (SELECT count(*) FROM (SELECT 1 FROM sagas WHERE state = 'RESOLVED'
+              AND created_at > now() - $1 * interval '1 millisecond' LIMIT $4) t)
     UNION ALL
     SELECT 'stuck', count(*) FROM (
         SELECT 1 FROM sagas

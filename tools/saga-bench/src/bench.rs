@@ -82,6 +82,11 @@ pub struct Args {
     /// inputs and measure sagad's memory while 8 callers list them all.
     #[arg(long, conflicts_with = "sagad")]
     pub list_memory: Option<u32>,
+    /// Before the levels, insert this many settled sagas (with their
+    /// history) into sagad's database, and time the admin page's reads
+    /// (PostgreSQL only): the growth bench.
+    #[arg(long, default_value_t = 0, conflicts_with = "sagad")]
+    pub preload_settled: u64,
     /// Most sagas per level, whatever the duration.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_sagas: u64,
@@ -683,6 +688,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return crate::list_memory::run(&sagad, pool, channel, &name, args.steps, n).await;
     }
 
+    let mut admin_ms = Vec::new();
+    if args.preload_settled > 0 {
+        let Some(pool) = &pool else {
+            bail!("--preload-settled needs PostgreSQL");
+        };
+        crate::growth::preload(pool, &name, args.steps, args.preload_settled).await?;
+    }
+    if let Some(admin) = sagad.admin.as_deref() {
+        admin_ms = crate::growth::admin_latency(admin, sagad.bearer()).await?;
+        for (path, p50, max) in &admin_ms {
+            println!(
+                "admin GET {path}: p50 {p50:.1} ms, max {max:.1} ms ({} requests)",
+                crate::growth::ADMIN_SAMPLES
+            );
+        }
+    }
     if args.warmup_secs > 0.0 {
         let warm = Args {
             duration_secs: args.warmup_secs,
@@ -771,6 +792,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "auth": args.auth.map(|m| format!("{m:?}").to_lowercase()),
         "postgres": version,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "preloaded_settled_sagas": args.preload_settled,
+        "admin_ms": admin_ms
+            .iter()
+            .map(|(path, p50, max)| serde_json::json!({"path": path, "p50": p50, "max": max}))
+            .collect::<Vec<_>>(),
         "levels": levels,
     });
     std::fs::write(

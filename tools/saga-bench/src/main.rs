@@ -3,6 +3,7 @@
 //! raw commit ceiling of the same database. Thin: the work is in `bench.rs`.
 
 mod bench;
+mod growth;
 mod list_memory;
 
 use clap::Parser;

@@ -58,9 +58,22 @@ async fn run_bench_on(
 
 #[tokio::test]
 async fn saga_bench_runs_and_writes_its_report() {
-    // With a token in an auth file: /metrics is read with it too.
-    let (report, out) = run_bench(&["--fail-fraction", "0.25", "--auth", "token"]).await;
+    // With a token in an auth file: /metrics is read with it too. With
+    // settled sagas preloaded, the admin reads are timed.
+    let (report, out) = run_bench(&[
+        "--fail-fraction",
+        "0.25",
+        "--auth",
+        "token",
+        "--preload-settled",
+        "1000",
+    ])
+    .await;
     assert_eq!(report["auth"], "token");
+    assert_eq!(report["preloaded_settled_sagas"], 1000);
+    let admin = report["admin_ms"].as_array().unwrap();
+    assert_eq!(admin.len(), 3, "{admin:?}");
+    assert!(admin.iter().all(|a| a["p50"].as_f64().unwrap() > 0.0));
     let level = &report["levels"][0];
     assert_eq!(level["concurrency"], 2);
     assert_eq!(level["errors"], 0);
