@@ -242,7 +242,11 @@ impl TestCoordinator {
                 }
                 Ok(Command::Crash) | Err(_) => {
                     drop(coordinator);
-                    rt.shutdown_background();
+                    // Every task is dropped at its next await, none runs
+                    // its cleanup (no lease released); waiting until they
+                    // are gone frees what they held, as a dead process's
+                    // file locks are freed (a SQLite store's lock).
+                    rt.shutdown_timeout(Duration::from_secs(10));
                 }
             }
         });
