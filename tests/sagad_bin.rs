@@ -243,12 +243,7 @@ async fn json_logs_are_one_object_per_line_with_the_saga_id() {
     let line: serde_json::Value = serde_json::from_str(&started).unwrap();
     assert_eq!(line["message"], "sagad started");
     let grpc = line["grpc_addr"].as_str().unwrap().to_owned();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = common::client_on(channel, None);
+    let mut c = common::client_at(&grpc, None).await;
     common::register(
         &mut c,
         common::definition("abc", vec![common::step("a", "svc", true, true)]),
@@ -310,12 +305,7 @@ async fn dev_runs_on_sqlite_and_refuses_a_second_process_on_its_file() {
     ]);
     let grpc = log_field(&started, "grpc_addr");
     let admin = log_field(&started, "admin_addr");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = common::client_on(channel, None);
+    let mut c = common::client_at(&grpc, None).await;
     common::register(
         &mut c,
         common::definition("abc", vec![common::step("a", "svc", true, true)]),

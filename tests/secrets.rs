@@ -278,12 +278,8 @@ async fn sighup_reloads_the_auth_file() {
     let lists = |token: &'static str| {
         let grpc = grpc.clone();
         async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-                .unwrap()
-                .connect()
+            client_at(&grpc, Some(token))
                 .await
-                .unwrap();
-            client_on(channel, Some(token))
                 .list_sagas(proto::ListSagasRequest::default())
                 .await
                 .map_err(|s| s.code())

@@ -114,14 +114,19 @@ fn owner() -> OwnerId {
     OwnerId(uuid::Uuid::new_v4())
 }
 
-fn succeeded(step: usize) -> Fact {
+/// The first attempt of step `step`'s action answered `result`.
+fn answered(step: usize, result: CallResult) -> Fact {
     Fact::Invoked {
         step,
         phase: Phase::Action,
         attempt: 1,
-        result: CallResult::Succeeded(None),
+        result,
         took: Duration::from_millis(7),
     }
+}
+
+fn succeeded(step: usize) -> Fact {
+    answered(step, CallResult::Succeeded(None))
 }
 
 macro_rules! conformance {
@@ -563,13 +568,7 @@ async fn counts_stuck_and_activity(f: &Fixture) {
     f.create("{}", None).await;
     // Suspend the first (a misconfigured participant).
     let rec = f.store.saga_get(lease.saga_id).await.unwrap().unwrap();
-    let fact = Fact::Invoked {
-        step: 0,
-        phase: Phase::Action,
-        attempt: 1,
-        result: CallResult::Misconfigured("UNIMPLEMENTED".into()),
-        took: Duration::from_millis(3),
-    };
+    let fact = answered(0, CallResult::Misconfigured("UNIMPLEMENTED".into()));
     let d = decide(&rec.saga, &f.def, fact, rec.saga.updated_at, 0.0).unwrap();
     assert_eq!(d.saga.state, SagaState::Suspended);
     f.store
@@ -713,21 +712,9 @@ async fn retention_deletes_only_settled_sagas_older_than_the_setting(f: &Fixture
         }
     };
     let (completed, s1) = settle(succeeded(0)).await;
-    let refused = Fact::Invoked {
-        step: 0,
-        phase: Phase::Action,
-        attempt: 1,
-        result: CallResult::Failed("no".into()),
-        took: Duration::from_millis(1),
-    };
+    let refused = answered(0, CallResult::Failed("no".into()));
     let (compensated, s2) = settle(refused).await;
-    let misconfigured = Fact::Invoked {
-        step: 0,
-        phase: Phase::Action,
-        attempt: 1,
-        result: CallResult::Misconfigured("UNIMPLEMENTED".into()),
-        took: Duration::from_millis(1),
-    };
+    let misconfigured = answered(0, CallResult::Misconfigured("UNIMPLEMENTED".into()));
     let (suspended, s3) = settle(misconfigured).await;
     assert_eq!(
         (s1, s2, s3),

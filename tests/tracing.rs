@@ -204,6 +204,32 @@ async fn serve(client: &Client, p: &Participant) -> saga_sdk::Registration {
     .unwrap()
 }
 
+/// Starts a saga of `definition` with `traceparent` (and `tracestate`) in
+/// the request's metadata, as a caller outside the SDK would.
+async fn start_traced(
+    c: &mut common::Client,
+    definition: &str,
+    traceparent: &str,
+    tracestate: Option<&str>,
+) -> saga_coordinator::proto::Saga {
+    let mut request = tonic::Request::new(saga_coordinator::proto::StartSagaRequest {
+        definition: definition.into(),
+        input_json: "{}".into(),
+        ..Default::default()
+    });
+    let md = request.metadata_mut();
+    md.insert("traceparent", traceparent.parse().unwrap());
+    if let Some(state) = tracestate {
+        md.insert("tracestate", state.parse().unwrap());
+    }
+    c.start_saga(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap()
+}
+
 fn by<'a>(spans: &'a [Got], service: &str, name: &str) -> Vec<&'a Got> {
     spans
         .iter()
@@ -345,12 +371,7 @@ async fn the_binary_exports_by_the_standard_variables_and_logs_the_trace_id() {
     );
     let started: serde_json::Value = serde_json::from_str(&started).unwrap();
     let grpc = started["grpc_addr"].as_str().unwrap().to_owned();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = common::client_on(channel, None);
+    let mut c = common::client_at(&grpc, None).await;
     common::register(
         &mut c,
         common::definition("abc", vec![common::step("a", "svc", true, true)]),
@@ -412,42 +433,11 @@ async fn without_an_exporter_the_callers_context_is_passed_on() {
     )
     .await;
     let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let mut request = tonic::Request::new(saga_coordinator::proto::StartSagaRequest {
-        definition: "abc".into(),
-        input_json: "{}".into(),
-        ..Default::default()
-    });
-    request
-        .metadata_mut()
-        .insert("traceparent", caller.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("tracestate", "vendor=1".parse().unwrap());
-    let saga = c
-        .start_saga(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .saga
-        .unwrap();
+    let saga = start_traced(&mut c, "abc", caller, Some("vendor=1")).await;
     common::wait(&mut c, &saga.saga_id).await;
     assert_eq!(svc.calls_to("a.do")[0].traceparent.as_deref(), Some(caller));
     // A header that is not a traceparent is ignored, not an error.
-    let mut request = tonic::Request::new(saga_coordinator::proto::StartSagaRequest {
-        definition: "abc".into(),
-        input_json: "{}".into(),
-        ..Default::default()
-    });
-    request
-        .metadata_mut()
-        .insert("traceparent", "00-not-a-trace-01".parse().unwrap());
-    let saga = c
-        .start_saga(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .saga
-        .unwrap();
+    let saga = start_traced(&mut c, "abc", "00-not-a-trace-01", None).await;
     common::wait(&mut c, &saga.saga_id).await;
     assert_eq!(svc.calls_to("a.do")[1].traceparent, None);
     coord.shutdown().await;
@@ -485,21 +475,7 @@ async fn a_takeover_continues_the_same_trace() {
         ],
     );
     let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let mut request = tonic::Request::new(saga_coordinator::proto::StartSagaRequest {
-        definition: "ab".into(),
-        input_json: "{}".into(),
-        ..Default::default()
-    });
-    request
-        .metadata_mut()
-        .insert("traceparent", caller.parse().unwrap());
-    let saga = c
-        .start_saga(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .saga
-        .unwrap();
+    let saga = start_traced(&mut c, "ab", caller, None).await;
     svc.wait_calls("b.do", 1).await;
     first.crash().await;
     let second = TestCoordinator::start(cfg).await;

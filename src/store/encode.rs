@@ -114,3 +114,28 @@ pub(crate) fn saga_bytes(s: &crate::domain::Saga) -> usize {
         .sum();
     s.input.len() + s.error.as_ref().map_or(0, String::len) + steps + 256
 }
+
+/// Per-minute activity from `(minute, kind, n)` rows ordered by minute, as
+/// both stores' activity queries return them.
+pub(crate) fn fold_activity(
+    rows: impl IntoIterator<Item = (DateTime<Utc>, String, i64)>,
+) -> Result<Vec<super::ActivityMinute>, StoreError> {
+    let mut out: Vec<super::ActivityMinute> = Vec::new();
+    for (minute, kind, n) in rows {
+        if out.last().is_none_or(|m| m.minute != minute) {
+            out.push(super::ActivityMinute {
+                minute,
+                ..Default::default()
+            });
+        }
+        let Some(m) = out.last_mut() else { continue };
+        match kind.as_str() {
+            "started" => m.started = n,
+            "completed" => m.completed = n,
+            "compensated" => m.compensated = n,
+            "suspended" => m.suspended = n,
+            other => return Err(StoreError::Internal(format!("activity kind {other:?}"))),
+        }
+    }
+    Ok(out)
+}

@@ -38,6 +38,16 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 /// A client on `channel` sending `token`.
+/// A client of the coordinator at `addr` (host:port, plaintext).
+pub async fn client_at(addr: &str, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    client_on(channel, token)
+}
+
 pub fn client_on(channel: Channel, token: Option<&str>) -> Client {
     let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
     CoordinatorServiceClient::with_interceptor(channel, bearer)

@@ -19,7 +19,7 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::encode::{current_progress, encode_steps, encode_trace, saga_bytes};
+use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
     ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
     SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
@@ -484,27 +484,11 @@ impl SagaStore for PgStore {
             .bind(since)
             .fetch_all(&self.pool)
             .await?;
-        let mut out: Vec<ActivityMinute> = Vec::new();
-        for r in rows {
-            let minute: DateTime<Utc> = r.try_get("minute")?;
-            let kind: String = r.try_get("kind")?;
-            let n: i64 = r.try_get("n")?;
-            if out.last().is_none_or(|m| m.minute != minute) {
-                out.push(ActivityMinute {
-                    minute,
-                    ..Default::default()
-                });
-            }
-            let Some(m) = out.last_mut() else { continue };
-            match kind.as_str() {
-                "started" => m.started = n,
-                "completed" => m.completed = n,
-                "compensated" => m.compensated = n,
-                "suspended" => m.suspended = n,
-                other => return Err(StoreError::Internal(format!("activity kind {other:?}"))),
-            }
-        }
-        Ok(out)
+        let rows = rows
+            .iter()
+            .map(|r| Ok((r.try_get("minute")?, r.try_get("kind")?, r.try_get("n")?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        fold_activity(rows)
     }
 
     async fn saga_purge(

@@ -33,7 +33,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::encode::{current_progress, encode_steps, encode_trace, saga_bytes};
+use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
     ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
     SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule, COUNT_CAP,
@@ -527,27 +527,17 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .db()?;
-        let mut out: Vec<ActivityMinute> = Vec::new();
-        for r in rows {
-            let minute = from_us(r.try_get("minute").db()?)?;
-            let kind: String = r.try_get("kind").db()?;
-            let n: i64 = r.try_get("n").db()?;
-            if out.last().is_none_or(|m| m.minute != minute) {
-                out.push(ActivityMinute {
-                    minute,
-                    ..Default::default()
-                });
-            }
-            let Some(m) = out.last_mut() else { continue };
-            match kind.as_str() {
-                "started" => m.started = n,
-                "completed" => m.completed = n,
-                "compensated" => m.compensated = n,
-                "suspended" => m.suspended = n,
-                other => return Err(StoreError::Internal(format!("activity kind {other:?}"))),
-            }
-        }
-        Ok(out)
+        let rows = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    from_us(r.try_get("minute").db()?)?,
+                    r.try_get("kind").db()?,
+                    r.try_get("n").db()?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        fold_activity(rows)
     }
 
     async fn saga_purge(
