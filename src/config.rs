@@ -94,9 +94,11 @@ pub struct Config {
     /// several URLs). Env: comma-separated.
     #[arg(long = "participant", env = "SAGAD_PARTICIPANTS", value_delimiter = ',', value_parser = parse_participant)]
     pub participants: Vec<(String, String)>,
-    /// How long a coordinator holds a saga without writing before others may
-    /// take it over.
-    #[arg(long, env = "SAGAD_LEASE_TTL_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    /// How long a saga's lease lasts unrenewed: after a coordinator dies,
+    /// others take its sagas over this long after its last renewal (leases
+    /// are renewed in the background every fifth of this, whatever the
+    /// steps' timeouts).
+    #[arg(long, env = "SAGAD_LEASE_TTL_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub lease_ttl_ms: u64,
     /// Fallback poll for due work (notifications normally wake the worker).
     #[arg(long, env = "SAGAD_POLL_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
@@ -199,6 +201,15 @@ pub struct Config {
     /// answered UNAVAILABLE.
     #[arg(long, env = "SAGAD_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub db_acquire_timeout_ms: u64,
+    /// How often the database is probed (on a connection of its own). While
+    /// a probe fails the API answers UNAVAILABLE at once, /readyz 503, and
+    /// the worker claims nothing; with several hosts in --database-url, a
+    /// failed probe looks for the writable one.
+    #[arg(long, env = "SAGAD_DB_PROBE_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub db_probe_interval_ms: u64,
+    /// How long one probe may take before the database counts as away.
+    #[arg(long, env = "SAGAD_DB_PROBE_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub db_probe_timeout_ms: u64,
     /// Pause before the notification listener reconnects after losing the
     /// database (the worker polls meanwhile).
     #[arg(long, env = "SAGAD_DB_LISTEN_RETRY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]

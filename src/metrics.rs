@@ -151,6 +151,8 @@ pub struct Metrics {
     leases_lost: AtomicU64,
     calls_in_flight: AtomicU64,
     purged: AtomicU64,
+    renewed: AtomicU64,
+    renewals_failed: AtomicU64,
     db_writes: Option<std::sync::Arc<DbWrites>>,
 }
 
@@ -222,6 +224,14 @@ impl Metrics {
     /// back (its lease expired).
     pub fn lease_takeover(&self) {
         self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A renewal round renewed `n` leases, or failed.
+    pub fn leases_renewed(&self, n: Option<u64>) {
+        match n {
+            Some(n) => self.renewed.fetch_add(n, Ordering::Relaxed),
+            None => self.renewals_failed.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     /// Retention deleted `n` settled sagas.
@@ -337,6 +347,8 @@ impl Metrics {
             ("sagad_lease_takeovers_total", "counter", "Sagas this coordinator took over after another's lease expired.", self.takeovers.load(Ordering::Relaxed)),
             ("sagad_leases_lost_total", "counter", "Sagas this coordinator dropped because another coordinator or an operator took them.", self.leases_lost.load(Ordering::Relaxed)),
             ("sagad_participant_calls_in_flight", "gauge", "Participant calls waiting for an answer.", self.calls_in_flight.load(Ordering::Relaxed)),
+            ("sagad_leases_renewed_total", "counter", "Leases renewed in the background (one statement per round for all of them).", self.renewed.load(Ordering::Relaxed)),
+            ("sagad_lease_renewal_failures_total", "counter", "Renewal rounds that failed (the database did not answer); leases not renewed may expire and be taken over.", self.renewals_failed.load(Ordering::Relaxed)),
             ("sagad_sagas_purged_total", "counter", "Settled sagas this coordinator deleted under --retention-days, with their history.", self.purged.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, v) in rows {

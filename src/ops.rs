@@ -72,11 +72,14 @@ pub enum OpsError {
     Internal(String),
 }
 
+/// What clients are told while the database cannot be reached.
+pub const DB_UNAVAILABLE: &str = "database unavailable; try again";
+
 impl From<StoreError> for OpsError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(detail) => OpsError::Unavailable {
-                public: "database unavailable; try again",
+                public: DB_UNAVAILABLE,
                 detail,
             },
             StoreError::Stopped => OpsError::Unavailable {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -30,6 +30,8 @@ use crate::metrics::Metrics;
 use crate::ops::Ops;
 use crate::participant::{CallerConfig, Participants};
 use crate::proto::coordinator_service_server::CoordinatorServiceServer;
+pub use crate::store::pg::hosts::connect_options;
+use crate::store::pg::hosts::{Health, Hosts, HostsError, Probe};
 use crate::store::pg::{PgStore, CHANNEL_DUE, CHANNEL_SETTLED, MIGRATOR};
 use crate::store::sqlite::{Notice, SqliteStore};
 use crate::store::{Database, OwnerId, SagaStore, StuckRule};
@@ -93,6 +95,23 @@ async fn connect_postgres(cfg: &Config) -> Result<PgPool, Error> {
         url: redact_url(url),
         source,
     };
+    let hosts = Hosts::parse(url).map_err(|e| match e {
+        HostsError::Url(source) => db_err(source),
+        other => Error::Config(other.to_string()),
+    })?;
+    let (url, options) = match hosts.urls() {
+        [one] => (one.as_str(), connect_options(one).map_err(db_err)?),
+        _ => {
+            let timeout = Duration::from_millis(cfg.db_acquire_timeout_ms);
+            hosts.find_writable(timeout).await.ok_or_else(|| {
+                Error::Config(format!(
+                    "none of the {} hosts of {} accepts writes",
+                    hosts.urls().len(),
+                    redact_url(url)
+                ))
+            })?
+        }
+    };
     if !sqlx::Postgres::database_exists(url).await.map_err(db_err)? {
         tracing::info!(url = %redact_url(url), "database does not exist; creating it");
         if let Err(e) = sqlx::Postgres::create_database(url).await {
@@ -109,34 +128,11 @@ async fn connect_postgres(cfg: &Config) -> Result<PgPool, Error> {
         // costs a round trip per query, but without it every pooled
         // connection fails one query after a database restart (the /readyz
         // test caught it). TODO-perf: ping only connections idle a while.
-        .connect_with(connect_options(url).map_err(db_err)?)
+        .connect_with(options)
         .await
         .map_err(db_err)?;
     migrate(url).await?;
     Ok(pool)
-}
-
-/// Connection options for `url`: libpq's parameters (`sslmode`,
-/// `sslrootcert`, several hosts, …), except that a server on this machine
-/// (a loopback address or a Unix socket) named without `sslmode` is reached
-/// without TLS. sqlx's default, `prefer`, would encrypt every local
-/// statement for nothing: measured here, it halved throughput at 64 callers
-/// (saga-bench c = 64: 1,400–1,500 against 2,550–3,150 sagas/s).
-pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
-    let host = options.get_host();
-    let local = options.get_socket().is_some()
-        || host.starts_with('/')
-        || host == "localhost"
-        || host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if local && !url.contains("sslmode=") {
-        Ok(options.ssl_mode(sqlx::postgres::PgSslMode::Disable))
-    } else {
-        Ok(options)
-    }
 }
 
 /// Applies the migrations on a connection of its own that does not pass on
@@ -242,6 +238,7 @@ pub async fn start(
     let api = CoordinatorServiceServer::new(parts.api)
         .max_decoding_message_size(cfg.grpc_request_bytes_max())
         .max_encoding_message_size(cfg.grpc_response_bytes_max());
+    let api = tonic::service::interceptor::InterceptedService::new(api, fail_fast(&parts.health));
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api);
@@ -273,6 +270,7 @@ pub async fn start(
         }
     };
     let tasks = Tasks {
+        probe: probe(&cfg, &db, &parts.health, &stop)?,
         grpc,
         admin,
         listener: match db {
@@ -291,6 +289,7 @@ pub async fn start(
             )),
         },
         claimer: tokio::spawn(parts.worker.clone().run_claim_loop()),
+        renewer: tokio::spawn(parts.worker.clone().run_renewal_loop()),
         retention: (cfg.retention_days > 0).then(|| {
             tokio::spawn(crate::retention::run(
                 parts.store.clone(),
@@ -334,14 +333,18 @@ struct Parts {
     auth: Arc<Authenticator>,
     settled: broadcast::Sender<Uuid>,
     abandon: CancellationToken,
+    /// What the database probe last found.
+    health: Arc<Health>,
 }
 
 impl Parts {
     fn build(cfg: &Config, db: Database, stop: CancellationToken) -> Result<Parts, Error> {
         let auth = Arc::new(Authenticator::new(cfg.auth()).map_err(Error::Config)?);
+        let health = Arc::new(Health::default());
         let (store, metrics): (Arc<dyn SagaStore>, Metrics) = match &db {
             Database::Postgres(pool) => {
-                let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize);
+                let pg = PgStore::with_write_lanes(pool.clone(), cfg.db_write_lanes as usize)
+                    .with_health(health.clone());
                 let metrics = Metrics::with_db_writes(pg.db_writes());
                 (Arc::new(pg), metrics)
             }
@@ -410,6 +413,7 @@ impl Parts {
             auth,
             settled,
             abandon,
+            health,
         })
     }
 }
@@ -508,8 +512,49 @@ struct Tasks {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<()>,
     listener: JoinHandle<()>,
+    probe: Option<JoinHandle<()>>,
     claimer: JoinHandle<()>,
+    renewer: JoinHandle<()>,
     retention: Option<JoinHandle<()>>,
+}
+
+/// The database probe (PostgreSQL; a SQLite file is never away).
+fn probe(
+    cfg: &Config,
+    db: &Database,
+    health: &Arc<Health>,
+    stop: &CancellationToken,
+) -> Result<Option<JoinHandle<()>>, Error> {
+    let Database::Postgres(pool) = db else {
+        return Ok(None);
+    };
+    let hosts = Hosts::parse(&cfg.database_url).map_err(|e| Error::Config(e.to_string()))?;
+    let probe = Probe {
+        every: Duration::from_millis(cfg.db_probe_interval_ms),
+        timeout: Duration::from_millis(cfg.db_probe_timeout_ms),
+    };
+    Ok(Some(tokio::spawn(crate::store::pg::hosts::watch(
+        pool.clone(),
+        Arc::new(hosts),
+        health.clone(),
+        probe,
+        stop.clone(),
+    ))))
+}
+
+/// Answers every API call `UNAVAILABLE` at once while the database probe
+/// finds the database away, rather than after a wait for a connection.
+fn fail_fast(
+    health: &Arc<Health>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let health = health.clone();
+    move |r| {
+        if health.is_up() {
+            Ok(r)
+        } else {
+            Err(crate::api::status::unavailable_db())
+        }
+    }
 }
 
 /// Waits for `stop`, then shuts down in the order the module comment gives.
@@ -540,6 +585,7 @@ async fn shut_down(
         abandon.cancel();
         let _ = tokio::time::timeout(grace, worker.tasks().wait()).await;
     }
+    tasks.renewer.abort();
     match store.lease_release_all(worker.owner()).await {
         Ok(n) if n > 0 => tracing::info!(released = n, "released leases"),
         Ok(_) => {}
@@ -552,6 +598,9 @@ async fn shut_down(
     let _ = tokio::time::timeout(grace, tasks.grpc).await;
     let _ = tokio::time::timeout(grace, tasks.admin).await;
     let _ = tasks.listener.await;
+    if let Some(probe) = tasks.probe {
+        let _ = probe.await;
+    }
     tracing::info!("sagad stopped");
 }
 

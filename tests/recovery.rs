@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use saga_coordinator::proto::{self, SagaState, StepState};
 use tokio::sync::watch;
@@ -243,6 +245,49 @@ async fn a_coordinator_whose_lease_was_taken_over_cannot_change_the_saga() {
         "the stale owner's result was fenced out"
     );
     assert_eq!(events(&mut c2, &saga.saga_id).await.len(), events_before);
+    second.shutdown().await;
+}
+
+/// Leases are renewed in the background, so a step whose timeout is ten
+/// minutes does not hold its saga that long after its coordinator dies:
+/// another takes over within the lease (1 s) plus a poll (0.2 s) and a
+/// margin for this machine.
+#[tokio::test]
+async fn a_crashed_coordinators_long_call_is_taken_over_within_the_lease() {
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let url = svc.clone().serve().await;
+    let mut cfg = test_config(&db);
+    cfg.participants = participants(&url);
+    cfg.lease_ttl_ms = 1_000;
+    let first = TestCoordinator::start(cfg.clone()).await;
+    let second = TestCoordinator::start(cfg).await;
+    let mut c1 = first.client().await;
+    let mut slow = step("a", "svc", true, true);
+    slow.timeout = Some(ms(600_000));
+    register(&mut c1, definition("slow", vec![slow])).await;
+    svc.script("a.do", vec![Reply::Hang, Reply::Succeed("{}".into())]);
+    let saga = start(&mut c1, "slow", "{}").await;
+    svc.wait_calls("a.do", 1).await;
+    // Several renewals while the call hangs: the lease is not taken.
+    let held = std::time::Instant::now();
+    while held.elapsed() < Duration::from_millis(2_500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(svc.calls_to("a.do").len(), 1, "taken over while renewed");
+    }
+    let crashed = std::time::Instant::now();
+    first.crash().await;
+    svc.wait_calls("a.do", 2).await;
+    let took = svc.calls_to("a.do")[1].at.duration_since(crashed);
+    assert!(
+        took < Duration::from_millis(1_000 + 200 + 2_000),
+        "taken over after {took:?}, not within the lease plus a poll"
+    );
+    let mut c2 = second.client().await;
+    assert_eq!(
+        state(&wait(&mut c2, &saga.saga_id).await),
+        SagaState::Completed
+    );
     second.shutdown().await;
 }
 

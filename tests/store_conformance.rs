@@ -145,6 +145,7 @@ conformance!(
     create_is_idempotent_by_id_and_keeps_what_it_was_given,
     a_stale_owner_cannot_write_extend_or_release,
     leases_expire_by_the_stores_clock_and_a_claim_after_is_unclean,
+    one_renewal_extends_every_lease_still_held_and_no_other,
     operator_writes_fence_the_owner_and_refuse_stale_reads_and_busy_sagas,
     concurrent_claims_never_hand_out_the_same_saga,
     listing_filters_and_pages_by_keyset,
@@ -311,6 +312,105 @@ async fn a_stale_owner_cannot_write_extend_or_release(f: &Fixture) {
     assert_eq!(again.len(), 1);
     assert!(!again[0].unclean, "B gave it back");
     assert!(again[0].lease.epoch > lb.epoch);
+}
+
+async fn one_renewal_extends_every_lease_still_held_and_no_other(f: &Fixture) {
+    let (a, b) = (owner(), owner());
+    let ttl = Duration::from_millis(300);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (id, Some(lease)) = f.create("{}", Some((a, ttl))).await else {
+            panic!("no lease")
+        };
+        held.push((id, lease));
+    }
+    assert!(f
+        .store
+        .lease_renew(a, &[], ttl)
+        .await
+        .unwrap()
+        .sagas
+        .is_empty());
+    // A renews all four in time; the leases run on.
+    let renewed = f
+        .store
+        .lease_renew(
+            a,
+            &held
+                .iter()
+                .map(|(id, l)| (*id, l.epoch))
+                .collect::<Vec<_>>(),
+            ttl,
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.sagas.len(), 4);
+    assert!(renewed.until.unwrap() > held[0].1.until);
+    // Then A stops renewing saga 0, which B claims; an operator aborts
+    // saga 1 (a new epoch, no owner); saga 2 is renewed under a stale epoch.
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let claimed = f
+        .store
+        .lease_claim_due(b, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4, "every lease ran out");
+    for c in &claimed {
+        f.store.lease_release(&c.lease).await.unwrap();
+    }
+    let relet = f.store.lease_claim_due(a, 10, ttl).await.unwrap();
+    assert_eq!(relet.len(), 4);
+    let lease_of = |id: SagaId| relet.iter().find(|c| c.saga.id == id).unwrap().lease;
+    let b_claims = f
+        .store
+        .lease_claim_due(b, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(b_claims.is_empty(), "A holds them again");
+    let rec = f.store.saga_get(held[1].0).await.unwrap().unwrap();
+    let abort = decide(
+        &rec.saga,
+        &f.def,
+        Fact::OperatorAbort {
+            actor: "op".into(),
+            note: "n".into(),
+        },
+        relet[0].db_now,
+        0.0,
+    )
+    .unwrap();
+    f.store
+        .saga_operator_save(&rec, &abort, false, false)
+        .await
+        .unwrap();
+    let renew = [
+        (held[1].0, lease_of(held[1].0).epoch),
+        (held[2].0, lease_of(held[2].0).epoch - 1),
+        (held[3].0, lease_of(held[3].0).epoch),
+        (SagaId(uuid::Uuid::new_v4()), 1),
+    ];
+    let renewed = f
+        .store
+        .lease_renew(a, &renew, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(renewed.sagas, vec![held[3].0], "only the lease still held");
+    // B (another owner) renews nothing of A's.
+    let by_b = f
+        .store
+        .lease_renew(b, &[(held[3].0, lease_of(held[3].0).epoch)], ttl)
+        .await
+        .unwrap();
+    assert!(by_b.sagas.is_empty());
+    // After A's short leases run out, saga 0 and 2 (and the aborted one) are
+    // claimable; saga 3 is not: its renewed lease holds.
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let claimed = f.store.lease_claim_due(b, 10, ttl).await.unwrap();
+    let mut ids: Vec<_> = claimed.iter().map(|c| c.saga.id).collect();
+    ids.sort();
+    let mut want = vec![held[0].0, held[1].0, held[2].0];
+    want.sort();
+    assert_eq!(ids, want);
 }
 
 async fn leases_expire_by_the_stores_clock_and_a_claim_after_is_unclean(f: &Fixture) {

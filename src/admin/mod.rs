@@ -479,7 +479,13 @@ async fn metrics(
 async fn readyz(
     axum::extract::State(st): axum::extract::State<Arc<AdminState>>,
 ) -> impl IntoResponse {
-    let probe = st.db.ping();
+    let probe = async {
+        if !st.ops.store.reachable() {
+            // The probe found it away: no need to wait for a connection.
+            return Err(crate::store::StoreError::Unavailable("probe failed".into()));
+        }
+        st.db.ping().await
+    };
     match tokio::time::timeout(st.cfg.readyz_timeout, probe).await {
         Ok(Ok(_)) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         _ => (

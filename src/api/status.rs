@@ -32,6 +32,13 @@ impl From<OpsError> for Status {
     }
 }
 
+/// UNAVAILABLE for a call refused before it starts because the database
+/// probe finds the database away (the probe logs that once; calls are not
+/// logged one by one).
+pub fn unavailable_db() -> Status {
+    Status::unavailable(crate::ops::DB_UNAVAILABLE)
+}
+
 /// RESOURCE_EXHAUSTED with a retry delay: in the message, and as
 /// `grpc-retry-pushback-ms` (what gRPC clients' retry policies read).
 pub fn exhausted(message: String, wait: std::time::Duration) -> Status {

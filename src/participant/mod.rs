@@ -83,6 +83,8 @@ pub struct Invocation<'a> {
     pub timeout: Duration,
     /// When the coordinator stops waiting (database clock).
     pub deadline: DateTime<Utc>,
+    /// When the call must have reached the participant (database clock).
+    pub arrive_by: DateTime<Utc>,
     /// The call's own `traceparent` when its span is recorded; else the
     /// saga's context (if any) is passed on as it is.
     pub traceparent: Option<String>,
@@ -409,10 +411,15 @@ fn build_request(inv: &Invocation<'_>, handler: String) -> proto::InvokeRequest 
         input_json: saga.input.clone(),
         outputs_json,
         action_output_json,
-        deadline: Some(prost_types::Timestamp {
-            seconds: inv.deadline.timestamp(),
-            nanos: inv.deadline.timestamp_subsec_nanos() as i32,
-        }),
+        deadline: Some(timestamp(inv.deadline)),
+        arrive_by: Some(timestamp(inv.arrive_by)),
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
     }
 }
 

@@ -76,6 +76,16 @@ pub struct SagaRecord {
     pub leased: bool,
 }
 
+/// What one renewal round renewed.
+#[derive(Debug, Clone, Default)]
+pub struct Renewed {
+    /// The new expiry of the leases renewed (store clock; `None` when none
+    /// was).
+    pub until: Option<DateTime<Utc>>,
+    /// The sagas renewed.
+    pub sagas: Vec<SagaId>,
+}
+
 /// A saga just claimed, with the database clock at the claim.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -252,6 +262,12 @@ pub enum StoreError {
 /// Every query the coordinator makes.
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
+    /// Whether the database answered its last probe (`false`: callers fail
+    /// fast rather than wait for a connection that will not come).
+    fn reachable(&self) -> bool {
+        true
+    }
+
     /// Stores `def` as the next version unless the latest version has the
     /// same content; returns the stored definition and whether it was new.
     /// `by` is the registering principal.
@@ -327,6 +343,16 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Extends a lease to `now() + ttl`; returns the new expiry.
     async fn lease_extend(&self, lease: &Lease, ttl: Duration)
         -> Result<DateTime<Utc>, StoreError>;
+    /// Renews, in one statement, every lease in `held` (saga and epoch) that
+    /// `owner` still holds, to `now() + ttl`; a saga another claimed, an
+    /// operator took or a write of its own holds right now is left out
+    /// (never waited for). Returns the new expiry and the sagas renewed.
+    async fn lease_renew(
+        &self,
+        owner: OwnerId,
+        held: &[(SagaId, i64)],
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError>;
     /// Gives a saga back, due at once, so another coordinator continues it.
     async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError>;
     /// Ends every lease `owner` holds (shutdown), making those sagas due at

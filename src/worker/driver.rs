@@ -7,7 +7,7 @@
 //!            ┌─────────────────────── Saved (kept) / Answered (deferred) ─────┐
 //!            ▼                                                                 │
 //!   start ─▶ plan ──Invoke, pre-write──▶ Save ──Saved──▶ cover ──▶ Call ──Answered──▶ decide
-//!            │  └──Invoke──▶ cover: lease too short? ─▶ Extend ──Extended──▶ Call     │
+//!            │  └──Invoke──▶ cover: arrival uncovered? ─▶ Extend ──Extended──▶ Call   │
 //!            │                                                                       ▼
 //!            ├──Wait/Idle/stop──▶ give back: Save(release) or Release ─▶ Done   keep in memory
 //!            │                                                              (may_defer, not
@@ -25,8 +25,15 @@
 //! idempotent action's result, which [`may_defer`] lets wait in memory for
 //! the next write (at most [`CHECKPOINT_EVERY`] after the first of them). A
 //! write extends the lease and, when the next plan is a wait or the saga
-//! settled, releases it in the same statement. Before a call the lease must
-//! outlive the call's timeout with a margin. On stop, the saga is given back
+//! settled, releases it in the same statement. The runner renews every
+//! lease it holds in the background ([`renew_every`], one statement for all
+//! of them) and tells the driver ([`Driver::renewed`]); a call may last far
+//! longer than a lease. Before a call the lease as known must leave the
+//! call time to reach its participant ([`send_window`]) plus a margin for
+//! clocks ([`arrival_margin`]), else it is extended first; the call carries
+//! that limit (`arrive_by`) and participants refuse a call that arrives
+//! later. So a coordinator paused past its lease cannot act on a saga
+//! another has claimed: its writes are fenced, its calls are refused. On stop, the saga is given back
 //! at the next step boundary, with whatever memory holds. After a lost
 //! lease, nothing more: another coordinator or an operator has the saga.
 
@@ -77,11 +84,13 @@ pub enum Action {
         attempt: u32,
         /// How long to wait for the answer.
         timeout: Duration,
-        /// When the call must have reached the participant (store clock):
-        /// the lease outlives it by a margin, and participants refuse a
-        /// call that arrives later (a coordinator paused between here and
-        /// the send must not act on a saga it no longer holds).
+        /// When the coordinator stops waiting (store clock).
         deadline: DateTime<Utc>,
+        /// When the call must have reached the participant (store clock):
+        /// the lease outlives it by [`arrival_margin`], and participants
+        /// refuse a call that arrives later (a coordinator paused between
+        /// here and the send must not act on a saga it no longer holds).
+        arrive_by: DateTime<Utc>,
     },
     /// Give the lease back with nothing to write; answer [`Input::Released`].
     Release,
@@ -164,8 +173,9 @@ struct Call {
     phase: Phase,
     attempt: u32,
     timeout: Duration,
-    /// Set when the lease is known to cover the call.
+    /// Set when the lease is known to cover the call's arrival.
     deadline: DateTime<Utc>,
+    arrive_by: DateTime<Utc>,
 }
 
 /// Decisions made but not written yet (see [`may_defer`]).
@@ -276,7 +286,7 @@ impl Driver {
                 Action::Done(Done::GivenBack(at))
             }
             (Waiting::Extend(call), Input::Extended { until }) => {
-                self.lease.until = until;
+                self.renewed(until);
                 self.call(call)
             }
             (Waiting::Call(call), Input::Answered { result, took }) => {
@@ -335,6 +345,7 @@ impl Driver {
                     attempt,
                     timeout: self.call_timeout(step, phase, now.at),
                     deadline: now.at,
+                    arrive_by: now.at,
                 };
                 if !pre_write {
                     return self.cover(call, now);
@@ -372,21 +383,38 @@ impl Driver {
         timeout
     }
 
-    /// Makes sure the lease outlives the call's deadline with a margin,
-    /// then calls.
+    /// Makes sure the lease outlives the call's arrival with a margin,
+    /// then calls. The lease need not cover the whole call: it is renewed
+    /// in the background while the call runs ([`Driver::renewed`]), and if
+    /// renewal stops (a paused or cut-off coordinator), the participant
+    /// refuses a call that had not arrived by then.
     fn cover(&mut self, mut call: Call, now: Now) -> Action {
-        let margin = self.lease_ttl / 2;
         call.deadline = now.at + to_chrono(call.timeout);
-        if self.lease.until >= call.deadline + to_chrono(margin) {
+        let window = to_chrono(send_window(self.lease_ttl).min(call.timeout));
+        if self.arrival_limit() >= now.at + window {
             return self.call(call);
         }
         self.waiting = Waiting::Extend(call);
         Action::Extend {
-            ttl: (call.timeout + margin).max(self.lease_ttl),
+            ttl: self.lease_ttl,
         }
     }
 
-    fn call(&mut self, call: Call) -> Action {
+    /// The latest arrival the lease as known covers with the margin.
+    fn arrival_limit(&self) -> DateTime<Utc> {
+        self.lease.until - to_chrono(arrival_margin(self.lease_ttl))
+    }
+
+    /// The lease was renewed in the background to `until` (store clock);
+    /// an older renewal than what the driver knows changes nothing.
+    pub fn renewed(&mut self, until: DateTime<Utc>) {
+        if until > self.lease.until {
+            self.lease.until = until;
+        }
+    }
+
+    fn call(&mut self, mut call: Call) -> Action {
+        call.arrive_by = call.deadline.min(self.arrival_limit());
         self.waiting = Waiting::Call(call);
         Action::Call {
             step: call.step,
@@ -394,6 +422,7 @@ impl Driver {
             attempt: call.attempt,
             timeout: call.timeout,
             deadline: call.deadline,
+            arrive_by: call.arrive_by,
         }
     }
 
@@ -475,6 +504,24 @@ impl Driver {
             hold: Hold::Release(at),
         }
     }
+}
+
+/// How early before the lease ends a call must reach its participant: the
+/// participants' clocks may differ from the store's by up to this much.
+pub fn arrival_margin(lease_ttl: Duration) -> Duration {
+    lease_ttl / 3
+}
+
+/// The least time a call is given to reach its participant; a lease that
+/// leaves less is extended first.
+fn send_window(lease_ttl: Duration) -> Duration {
+    lease_ttl / 4
+}
+
+/// How often a coordinator renews the leases it holds: often enough that a
+/// renewed lease always leaves a call its send window.
+pub fn renew_every(lease_ttl: Duration) -> Duration {
+    lease_ttl / 5
 }
 
 fn to_chrono(d: Duration) -> chrono::Duration {

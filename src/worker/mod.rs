@@ -84,6 +84,9 @@ pub struct Worker {
     cfg: WorkerConfig,
     clock: DbClock,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
+    /// The leases this process's drivers hold: their epochs, and the expiry
+    /// the last renewal round gave them.
+    held: Mutex<HashMap<SagaId, Held>>,
     /// Sagas driven by this process, for local `WaitSaga` callers.
     local: Mutex<HashMap<SagaId, LocalWatch>>,
     /// Sagas that reached a terminal state here lately: a `WaitSaga` that
@@ -112,6 +115,7 @@ impl Worker {
         Arc::new(Worker {
             metrics,
             local: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             recent: Mutex::new(Recent::default()),
             permits: Arc::new(Semaphore::new(cfg.sagas_max.max(1))),
             store,
@@ -193,10 +197,22 @@ impl Worker {
         let id = saga.id;
         let (tx, _) = watch::channel(None);
         lock(&self.local).insert(id, tx);
+        let held = Held {
+            epoch: lease.epoch,
+            renewed: None,
+        };
+        lock(&self.held).insert(id, held);
         let this = self.clone();
         self.tasks.spawn(
             async move {
                 let last = this.drive(saga, lease, recovered).await;
+                {
+                    // A later claim of the same saga here may hold it now.
+                    let mut held = lock(&this.held);
+                    if held.get(&id).is_some_and(|h| h.epoch == lease.epoch) {
+                        held.remove(&id);
+                    }
+                }
                 // Hand a settled saga to local waiters; dropping the sender
                 // tells them to read the database instead.
                 if let Some(tx) = lock(&this.local).remove(&id) {
@@ -256,13 +272,71 @@ impl Worker {
         }
     }
 
+    /// Renews every lease this process's drivers hold, in one statement per
+    /// round, until shutdown has let every driver finish.
+    pub async fn run_renewal_loop(self: Arc<Self>) {
+        let every = driver::renew_every(self.cfg.lease_ttl);
+        loop {
+            tokio::select! {
+                _ = self.tasks.wait() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.renew_held().await;
+        }
+    }
+
+    async fn renew_held(&self) {
+        let held: HashMap<SagaId, i64> = lock(&self.held)
+            .iter()
+            .map(|(id, h)| (*id, h.epoch))
+            .collect();
+        if held.is_empty() || !self.store.reachable() {
+            return;
+        }
+        let pairs: Vec<(SagaId, i64)> = held.iter().map(|(id, e)| (*id, *e)).collect();
+        let renewed = match self
+            .store
+            .lease_renew(self.owner, &pairs, self.cfg.lease_ttl)
+            .await
+        {
+            Ok(r) => r,
+            Err(error) => {
+                self.metrics.leases_renewed(None);
+                tracing::warn!(%error, leases = pairs.len(), "renewing leases failed; retrying next round");
+                return;
+            }
+        };
+        self.metrics
+            .leases_renewed(Some(renewed.sagas.len() as u64));
+        let Some(until) = renewed.until else { return };
+        let mut now_held = lock(&self.held);
+        for id in &renewed.sagas {
+            if let Some(h) = now_held
+                .get_mut(id)
+                .filter(|h| Some(&h.epoch) == held.get(id))
+            {
+                h.renewed = Some(until);
+            }
+        }
+    }
+
+    /// What the last renewal round gave the lease of a saga driven here.
+    fn renewed(&self, lease: &Lease) -> Option<DateTime<Utc>> {
+        let held = lock(&self.held);
+        held.get(&lease.saga_id)
+            .filter(|h| h.epoch == lease.epoch)
+            .and_then(|h| h.renewed)
+    }
+
     async fn claim_available(self: &Arc<Self>) {
         loop {
             let free = self
                 .permits
                 .available_permits()
                 .min(self.cfg.claim_batch_max as usize);
-            if free == 0 || self.stop.is_cancelled() {
+            // While the database is away, claim nothing (the next poll
+            // after it answers again does).
+            if free == 0 || self.stop.is_cancelled() || !self.store.reachable() {
                 return;
             }
             let claimed = match self
@@ -366,6 +440,7 @@ impl Worker {
                     attempt,
                     timeout,
                     deadline,
+                    arrive_by,
                 } => {
                     let call = CallSpan {
                         saga: driver.saga(),
@@ -374,12 +449,15 @@ impl Worker {
                         phase,
                         attempt,
                     };
-                    match self.call(&call, timeout, deadline).await {
+                    match self.call(&call, timeout, deadline, arrive_by).await {
                         Some(input) => input,
                         None => return Done::Dropped,
                     }
                 }
             };
+            if let Some(until) = self.renewed(driver.lease()) {
+                driver.renewed(until);
+            }
             action = driver.on(input, self.now());
         }
     }
@@ -400,6 +478,7 @@ impl Worker {
         c: &CallSpan<'_>,
         timeout: Duration,
         deadline: DateTime<Utc>,
+        arrive_by: DateTime<Utc>,
     ) -> Option<Input> {
         let span = self
             .spans()
@@ -413,6 +492,7 @@ impl Worker {
             attempt: c.attempt,
             timeout,
             deadline,
+            arrive_by,
             traceparent: span.map(|s| s.own.to_string()),
         };
         let started = std::time::Instant::now();
@@ -520,6 +600,13 @@ impl Worker {
 }
 
 type LocalWatch = watch::Sender<Option<Arc<Saga>>>;
+
+/// A lease a driver here holds.
+struct Held {
+    epoch: i64,
+    /// Its expiry as the last renewal round set it.
+    renewed: Option<DateTime<Utc>>,
+}
 
 /// How long, and how many, settled sagas are kept for late local waiters.
 const RECENT_KEEP: Duration = Duration::from_secs(5);

@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!   seed ─▶ Rng ─▶ pick a move ─┬─ coordinator claims due sagas (epoch + 1)
+//!                               ├─ a coordinator renews its leases (one round)
 //!                               ├─ a driver's action runs: Save / Extend / Release
 //!                               │   against Mem (fenced), Call at the participant
 //!                               ├─ a call's answer arrives → driver.on(Answered)
@@ -164,6 +165,27 @@ impl Mem {
         Ok(Input::Extended { until })
     }
 
+    /// One renewal round of `owner`: every lease in `held` it still holds
+    /// runs on to `now + TTL`, as `lease_renew` does.
+    fn renew(
+        &mut self,
+        owner: u64,
+        held: &[(usize, Lease)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(usize, i64)>, String> {
+        let until = now + chrono::Duration::from_std(TTL).unwrap_or_default();
+        let mut renewed = Vec::new();
+        for (i, lease) in held {
+            if self.fenced(*i, lease, owner)? {
+                let r = &mut self.rows[*i];
+                r.lease_until = Some(until);
+                r.next_run_at = Some(until);
+                renewed.push((*i, lease.epoch));
+            }
+        }
+        Ok(renewed)
+    }
+
     fn release(
         &mut self,
         i: usize,
@@ -296,6 +318,8 @@ pub(crate) struct Seen {
     late_calls_refused: u64,
     deferred_writes: u64,
     operator_actions: u64,
+    renewals: u64,
+    calls_outliving_a_lease: u64,
 }
 
 impl Seen {
@@ -307,6 +331,8 @@ impl Seen {
         self.late_calls_refused += o.late_calls_refused;
         self.deferred_writes += o.deferred_writes;
         self.operator_actions += o.operator_actions;
+        self.renewals += o.renewals;
+        self.calls_outliving_a_lease += o.calls_outliving_a_lease;
     }
 }
 
@@ -350,10 +376,13 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let mut def = random_definition(&mut rng);
-        // Timeouts shorter and longer than the lease (2 s), so that calls
-        // need the lease extended first.
+        // Timeouts shorter and far longer than the lease (2 s): a call may
+        // outlive many leases, renewed in the background.
         for step in &mut def.steps {
-            step.timeout = Duration::from_millis(100 + rng.below(3_000));
+            step.timeout = match rng.below(4) {
+                0 => Duration::from_millis(5_000 + rng.below(20_000)),
+                _ => Duration::from_millis(100 + rng.below(3_000)),
+            };
         }
         let def = Arc::new(def);
         let sagas = 1 + rng.below(3) as usize;
@@ -421,7 +450,8 @@ impl Sim {
     fn step(&mut self) -> Result<(), String> {
         let busy: usize = self.coords.iter().map(|c| c.slots.len()).sum();
         match self.rng.below(100) {
-            0..=54 if busy > 0 => self.drive_one(),
+            0..=49 if busy > 0 => self.drive_one(),
+            50..=54 => self.renew(),
             0..=69 => {
                 self.claim();
                 Ok(())
@@ -452,6 +482,27 @@ impl Sim {
             jitter: self.rng.unit(),
             stopping,
         }
+    }
+
+    /// A coordinator's renewal round: the leases its drivers hold run on,
+    /// and each driver learns it (as the runner tells it between actions).
+    fn renew(&mut self) -> Result<(), String> {
+        let c = self.rng.below(self.coords.len() as u64) as usize;
+        let owner = self.coords[c].id;
+        let held: Vec<(usize, Lease)> = self.coords[c]
+            .slots
+            .iter()
+            .map(|s| (s.saga, *s.driver.lease()))
+            .collect();
+        let renewed = self.mem.renew(owner, &held, self.t)?;
+        let until = self.t + chrono::Duration::from_std(TTL).unwrap_or_default();
+        for slot in &mut self.coords[c].slots {
+            if renewed.contains(&(slot.saga, slot.driver.lease().epoch)) {
+                slot.driver.renewed(until);
+                self.stats.renewals += 1;
+            }
+        }
+        Ok(())
     }
 
     fn claim(&mut self) {
@@ -529,6 +580,7 @@ impl Sim {
             step,
             phase,
             deadline,
+            arrive_by,
             ..
         } = slot.action
         else {
@@ -542,18 +594,19 @@ impl Sim {
                 call.result
             };
             let took = (self.t - call.started).to_std().unwrap_or_default();
+            self.stats.calls_outliving_a_lease += u64::from(took > TTL);
             return Ok(Some(Input::Answered { result, took }));
         }
         let current = self.mem.holds(i, &lease, owner);
         self.stats.stale_calls += u64::from(!current);
-        // A call that arrives after its deadline is refused unrun.
-        let result = if self.t > deadline {
+        // A call that arrives after its arrival limit is refused unrun.
+        let result = if self.t > arrive_by {
             self.stats.late_calls_refused += 1;
             CallResult::Transient("DEADLINE_EXCEEDED: arrived late".into())
         } else {
             // Only an operator may take a saga from an owner whose call can
             // still land: a claim waits for the lease, which outlives every
-            // call's deadline.
+            // call's arrival limit.
             if !current && !self.mem.operator_epochs.contains(&(i, lease.epoch + 1)) {
                 return Err(format!(
                     "saga {i}: a call of epoch {} reached the participant after another coordinator claimed the saga",
@@ -851,6 +904,8 @@ fn simulation_of_the_real_driver_keeps_the_invariants() {
             ("late calls refused", seen.late_calls_refused),
             ("deferred writes", seen.deferred_writes),
             ("operator actions", seen.operator_actions),
+            ("background renewals", seen.renewals),
+            ("calls outliving a lease", seen.calls_outliving_a_lease),
         ] {
             assert!(n > 0, "no {what} in {seen:?}");
         }

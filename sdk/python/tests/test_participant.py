@@ -228,21 +228,32 @@ async def test_a_call_that_arrives_after_its_deadline_is_not_run() -> None:
 
     served = await p.serve()
 
-    def request(deadline: dt.datetime) -> Any:
+    def stamp(t: dt.datetime) -> Timestamp:
         ts = Timestamp()
-        ts.FromDatetime(deadline)
+        ts.FromDatetime(t)
+        return ts
+
+    def request(deadline: dt.datetime, arrive_by: dt.datetime | None = None) -> Any:
         return participant_pb2.InvokeRequest(
             saga_id=str(uuid.uuid4()), step="a", handler="act", idempotency_key="k",
-            phase=participant_pb2.PHASE_ACTION, input_json="{}", deadline=ts,
+            phase=participant_pb2.PHASE_ACTION, input_json="{}", deadline=stamp(deadline),
+            arrive_by=None if arrive_by is None else stamp(arrive_by),
         )
 
     now = dt.datetime.now(dt.timezone.utc)
+    past, future = now - dt.timedelta(milliseconds=1), now + dt.timedelta(seconds=30)
     async with grpc.aio.insecure_channel(served.endpoint.removeprefix("http://")) as ch:
         stub = participant_pb2_grpc.ParticipantServiceStub(ch)  # type: ignore[no-untyped-call]
+        # An older coordinator's call: the deadline is the limit.
         with pytest.raises(grpc.aio.AioRpcError) as late:
-            await stub.Invoke(request(now - dt.timedelta(milliseconds=1)))
+            await stub.Invoke(request(past))
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The arrival limit passed though the coordinator would still wait.
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Invoke(request(future, past))
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert runs == []
-        await stub.Invoke(request(now + dt.timedelta(seconds=30)))
-        assert runs == ["k"]
+        await stub.Invoke(request(future))
+        await stub.Invoke(request(future, future))
+        assert runs == ["k", "k"]
     await served.stop(0)

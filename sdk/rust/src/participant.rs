@@ -55,6 +55,9 @@ pub struct StepContext {
     pub action_output_json: Option<String>,
     /// When the coordinator stops waiting for this call.
     pub deadline: Option<SystemTime>,
+    /// When the call had to arrive by (the coordinator's lease covers
+    /// arrivals until then); a later call is refused unrun.
+    pub arrive_by: Option<SystemTime>,
 }
 
 impl StepContext {
@@ -100,10 +103,12 @@ impl StepContext {
         let saga_id = Uuid::parse_str(&r.saga_id).map_err(|_| {
             Status::invalid_argument(format!("saga_id: {:?} is not a UUID", r.saga_id))
         })?;
-        let deadline = r.deadline.and_then(|t| {
+        let time = |t: prost_types::Timestamp| {
             let secs = u64::try_from(t.seconds).ok()?;
             Some(SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(t.nanos).ok()?))
-        });
+        };
+        let deadline = r.deadline.and_then(time);
+        let arrive_by = r.arrive_by.and_then(time);
         Ok(StepContext {
             saga_id,
             definition: r.definition,
@@ -120,6 +125,7 @@ impl StepContext {
             outputs_json: r.outputs_json,
             action_output_json: (!r.action_output_json.is_empty()).then_some(r.action_output_json),
             deadline,
+            arrive_by,
         })
     }
 }
@@ -404,11 +410,13 @@ impl Participant {
         md: &tonic::metadata::MetadataMap,
     ) -> Result<proto::InvokeResponse, Status> {
         let ctx = StepContext::from_request(r)?;
-        // A call that arrives after its deadline is not run: the coordinator
-        // no longer waits for it, and its lease on the saga (which outlives
-        // the deadline) may be gone, so another coordinator may be driving
-        // the saga (a coordinator paused between deciding and sending).
-        if ctx.deadline.is_some_and(|d| SystemTime::now() > d) {
+        // A call that arrives after its arrival limit is not run: the
+        // coordinator's lease on the saga covered arrivals only until then,
+        // so another coordinator may be driving the saga (a coordinator
+        // paused between deciding and sending). Older coordinators send only
+        // the deadline, which their lease outlived.
+        let limit = ctx.arrive_by.or(ctx.deadline);
+        if limit.is_some_and(|d| SystemTime::now() > d) {
             return Err(Status::deadline_exceeded(
                 "the call arrived after its deadline; not run",
             ));

@@ -497,8 +497,14 @@ async fn a_call_that_arrives_after_its_deadline_is_not_run() {
     )
     .await
     .unwrap();
-    let request = |deadline: std::time::SystemTime| {
-        let at = deadline.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let ts = |t: std::time::SystemTime| {
+        let at = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+        prost_types::Timestamp {
+            seconds: at.as_secs() as i64,
+            nanos: at.subsec_nanos() as i32,
+        }
+    };
+    let request = |deadline: std::time::SystemTime, arrive_by: Option<std::time::SystemTime>| {
         saga_sdk::proto::InvokeRequest {
             saga_id: uuid::Uuid::new_v4().to_string(),
             definition: "d".into(),
@@ -508,22 +514,24 @@ async fn a_call_that_arrives_after_its_deadline_is_not_run() {
             attempt: 1,
             idempotency_key: "k".into(),
             input_json: "{}".into(),
-            deadline: Some(prost_types::Timestamp {
-                seconds: at.as_secs() as i64,
-                nanos: at.subsec_nanos() as i32,
-            }),
+            deadline: Some(ts(deadline)),
+            arrive_by: arrive_by.map(ts),
             ..Default::default()
         }
     };
     let now = std::time::SystemTime::now();
-    let late = c
-        .invoke(request(now - Duration::from_millis(1)))
-        .await
-        .unwrap_err();
+    let (past, future) = (
+        now - Duration::from_millis(1),
+        now + Duration::from_secs(30),
+    );
+    // An older coordinator's call: the deadline is the limit.
+    let late = c.invoke(request(past, None)).await.unwrap_err();
+    assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+    // The arrival limit passed though the coordinator would still wait.
+    let late = c.invoke(request(future, Some(past))).await.unwrap_err();
     assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler did not run");
-    c.invoke(request(now + Duration::from_secs(30)))
-        .await
-        .unwrap();
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    c.invoke(request(future, None)).await.unwrap();
+    c.invoke(request(future, Some(future))).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
@@ -130,17 +130,18 @@ impl Job {
 /// The queue in front of the lanes; lanes start on first use.
 #[derive(Debug)]
 pub struct Lanes {
-    options: PgConnectOptions,
+    /// Lanes connect where the pool does (which moves on a failover).
+    pool: PgPool,
     count: usize,
     tx: std::sync::OnceLock<mpsc::Sender<Job>>,
     stats: Arc<DbWrites>,
 }
 
 impl Lanes {
-    /// `count` lanes connecting with `options`.
-    pub fn new(options: PgConnectOptions, count: usize) -> Self {
+    /// `count` lanes connecting where `pool` connects.
+    pub fn new(pool: PgPool, count: usize) -> Self {
         Lanes {
-            options: connect_options(options),
+            pool,
             count: count.max(1),
             tx: std::sync::OnceLock::new(),
             stats: Arc::default(),
@@ -157,7 +158,7 @@ impl Lanes {
             let (tx, rx) = mpsc::channel(QUEUE_MAX);
             let rx = Arc::new(Mutex::new(rx));
             for _ in 0..self.count {
-                tokio::spawn(lane(rx.clone(), self.options.clone(), self.stats.clone()));
+                tokio::spawn(lane(rx.clone(), self.pool.clone(), self.stats.clone()));
             }
             tx
         })
@@ -202,11 +203,7 @@ pub fn connect_options(base: PgConnectOptions) -> PgConnectOptions {
     ])
 }
 
-async fn lane(
-    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    options: PgConnectOptions,
-    stats: Arc<DbWrites>,
-) {
+async fn lane(rx: Arc<Mutex<mpsc::Receiver<Job>>>, pool: PgPool, stats: Arc<DbWrites>) {
     let mut conn: Option<PgConnection> = None;
     let mut last_used = Instant::now();
     loop {
@@ -233,7 +230,7 @@ async fn lane(
                 now.into_iter().partition(|j| matches!(j, Job::Create(..)));
             for batch in [creates, saves] {
                 if !batch.is_empty() {
-                    run(&mut conn, &options, &mut last_used, batch, &stats).await;
+                    run(&mut conn, &pool, &mut last_used, batch, &stats).await;
                 }
             }
         }
@@ -246,7 +243,7 @@ async fn lane(
 /// A usable connection: the one held (pinged if idle a while), or a new one.
 async fn connection<'c>(
     conn: &'c mut Option<PgConnection>,
-    options: &PgConnectOptions,
+    pool: &PgPool,
     last_used: Instant,
 ) -> Result<&'c mut PgConnection, sqlx::Error> {
     if last_used.elapsed() > IDLE_PING {
@@ -257,6 +254,7 @@ async fn connection<'c>(
         }
     }
     if conn.is_none() {
+        let options = connect_options((*pool.connect_options()).clone());
         *conn = Some(options.connect().await?);
     }
     conn.as_mut().ok_or(sqlx::Error::PoolClosed)
@@ -266,13 +264,13 @@ async fn connection<'c>(
 /// request is tried alone, so one bad request fails only itself.
 async fn run(
     conn: &mut Option<PgConnection>,
-    options: &PgConnectOptions,
+    pool: &PgPool,
     last_used: &mut Instant,
     batch: Vec<Job>,
     stats: &DbWrites,
 ) {
     let started = Instant::now();
-    let result = match connection(conn, options, *last_used).await {
+    let result = match connection(conn, pool, *last_used).await {
         Ok(c) => write(c, &batch).await,
         Err(e) => Err(e),
     };
@@ -298,7 +296,7 @@ async fn run(
         Err(sqlx::Error::Database(e)) if retried => {
             tracing::warn!(error = %e, n = batch.len(), "a batched write failed; writing its requests one by one");
             for job in batch {
-                Box::pin(run(conn, options, last_used, vec![job], stats)).await;
+                Box::pin(run(conn, pool, last_used, vec![job], stats)).await;
             }
         }
         Err(e) => {

@@ -7,6 +7,7 @@
 //! at the same time (group commit, see `lanes`); claims use
 //! `FOR UPDATE SKIP LOCKED` so coordinators never wait on each other.
 
+pub mod hosts;
 mod lanes;
 mod rows;
 
@@ -21,8 +22,8 @@ use uuid::Uuid;
 
 use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
-    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
-    SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
+    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, Renewed,
+    SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
@@ -93,6 +94,22 @@ pub const SAGA_ACTIVITY_SQL: &str = "
         WHERE at >= $1 AND kind IN ('completed', 'compensated', 'suspended')
         GROUP BY 1, 2
     ) a ORDER BY minute, kind";
+
+/// One renewal round: every held lease still ours, skipping rows a write
+/// holds (that write extends or releases the lease itself) so that renewal
+/// never waits on, nor deadlocks with, the write lanes or a claim.
+pub const LEASE_RENEW_SQL: &str = "
+    WITH held AS (
+        SELECT s.saga_id FROM sagas s
+        JOIN unnest($1::uuid[], $2::bigint[]) AS h(saga_id, epoch)
+          ON s.saga_id = h.saga_id AND s.lease_epoch = h.epoch
+        WHERE s.owner = $3
+        FOR UPDATE OF s SKIP LOCKED
+    )
+    UPDATE sagas s SET lease_until = now() + $4 * interval '1 millisecond',
+                       next_run_at = now() + $4 * interval '1 millisecond'
+    FROM held WHERE s.saga_id = held.saga_id
+    RETURNING s.saga_id, s.lease_until";
 
 /// `saga_purge`: the oldest settled sagas through their partial index, their
 /// history by cascade. Public for the query-plan test.
@@ -192,6 +209,9 @@ pub struct PgStore {
     pool: PgPool,
     /// Group commit for the hot-path writes (see `lanes`).
     lanes: Arc<Lanes>,
+    /// What the database probe last found (always up unless a probe runs:
+    /// [`hosts::watch`]).
+    health: Arc<hosts::Health>,
 }
 
 /// Write lanes of [`PgStore::new`].
@@ -208,11 +228,18 @@ impl PgStore {
     /// dedicated connections that batch concurrent writes into one
     /// statement each (group commit). They connect on first use.
     pub fn with_write_lanes(pool: PgPool, lanes: usize) -> Self {
-        let options = (*pool.connect_options()).clone();
         PgStore {
+            lanes: Arc::new(Lanes::new(pool.clone(), lanes)),
             pool,
-            lanes: Arc::new(Lanes::new(options, lanes)),
+            health: Arc::default(),
         }
+    }
+
+    /// This store answers `Unavailable` at once while `health` says the
+    /// database is away.
+    pub fn with_health(mut self, health: Arc<hosts::Health>) -> Self {
+        self.health = health;
+        self
     }
 
     /// The write lanes' figures, for `/metrics`: requests written and the
@@ -253,6 +280,10 @@ fn event_arrays(events: &[EventRecord]) -> EventArrays {
 
 #[async_trait]
 impl SagaStore for PgStore {
+    fn reachable(&self) -> bool {
+        self.health.is_up()
+    }
+
     async fn definition_register(
         &self,
         def: Definition,
@@ -713,6 +744,31 @@ impl SagaStore for PgStore {
             Some(row) => Ok(row.try_get("lease_until")?),
             None => Err(StoreError::LeaseLost),
         }
+    }
+
+    async fn lease_renew(
+        &self,
+        owner: OwnerId,
+        held: &[(SagaId, i64)],
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        if held.is_empty() {
+            return Ok(Renewed::default());
+        }
+        let (ids, epochs): (Vec<Uuid>, Vec<i64>) = held.iter().map(|(id, e)| (id.0, *e)).unzip();
+        let rows = sqlx::query(LEASE_RENEW_SQL)
+            .bind(&ids)
+            .bind(&epochs)
+            .bind(owner.0)
+            .bind(millis(ttl))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut renewed = Renewed::default();
+        for row in &rows {
+            renewed.sagas.push(SagaId(row.try_get("saga_id")?));
+            renewed.until = Some(row.try_get("lease_until")?);
+        }
+        Ok(renewed)
     }
 
     async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError> {

@@ -35,8 +35,9 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
-    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, SagaCounts,
-    SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule, COUNT_CAP,
+    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, Renewed,
+    SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
+    COUNT_CAP,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, Saga, SagaId, SagaState};
 use rows::{decode_definition, decode_event, decode_saga, from_us, us, SAGA_COLUMNS};
@@ -760,6 +761,46 @@ impl SagaStore for SqliteStore {
             return Err(StoreError::LeaseLost);
         }
         Ok(until)
+    }
+
+    async fn lease_renew(
+        &self,
+        owner: OwnerId,
+        held: &[(SagaId, i64)],
+        ttl: Duration,
+    ) -> Result<Renewed, StoreError> {
+        if held.is_empty() {
+            return Ok(Renewed::default());
+        }
+        // `[["<uuid>", epoch], …]`: ids and numbers need no escaping.
+        let pairs: Vec<String> = held
+            .iter()
+            .map(|(id, epoch)| format!("[\"{}\",{epoch}]", id.0))
+            .collect();
+        let pairs = format!("[{}]", pairs.join(","));
+        let until = plus(now(), ttl);
+        // One statement, through the primary key: the pairs as a JSON array.
+        let rows = sqlx::query(
+            "UPDATE sagas SET lease_until = ?1, next_run_at = ?1
+             WHERE saga_id IN (SELECT value ->> 0 FROM json_each(?2))
+               AND owner = ?3
+               AND lease_epoch = (SELECT value ->> 1 FROM json_each(?2)
+                                  WHERE value ->> 0 = sagas.saga_id)
+             RETURNING saga_id",
+        )
+        .bind(us(until))
+        .bind(pairs)
+        .bind(owner.0.to_string())
+        .fetch_all(&self.write)
+        .await
+        .db()?;
+        let mut renewed = Renewed::default();
+        for row in &rows {
+            let id: String = row.try_get("saga_id").db()?;
+            renewed.sagas.push(SagaId(rows::uuid(&id)?));
+            renewed.until = Some(until);
+        }
+        Ok(renewed)
     }
 
     async fn lease_release(&self, lease: &Lease) -> Result<(), StoreError> {

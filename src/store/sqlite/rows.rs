@@ -40,7 +40,7 @@ fn time_opt(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>, StoreEr
         .transpose()
 }
 
-fn uuid(text: &str) -> Result<Uuid, StoreError> {
+pub fn uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| corrupt("id", e))
 }
 

@@ -89,6 +89,9 @@ class StepContext:
     action_output_json: str | None = None
     #: When the coordinator stops waiting for the answer.
     deadline: datetime | None = None
+    #: When the call had to arrive by (the coordinator's lease covers
+    #: arrivals until then); a later call is refused unrun.
+    arrive_by: datetime | None = None
 
     def output(self, step: str) -> Any:
         """The output of an earlier step, parsed (``None`` if it has none)."""
@@ -231,10 +234,12 @@ class Participant:
                 f"participant {self.name!r} has no {phase.value} handler {request.handler!r}",
             )
         ctx = _context(request, phase)
-        # A call that arrives after its deadline is not run: the coordinator
-        # no longer waits, and its lease on the saga (which outlives the
-        # deadline) may be gone, with another coordinator driving the saga.
-        if ctx.deadline is not None and datetime.now(timezone.utc) > ctx.deadline:
+        # A call that arrives after its arrival limit is not run: the
+        # coordinator's lease on the saga covered arrivals only until then,
+        # so another coordinator may be driving the saga. Older coordinators
+        # send only the deadline, which their lease outlived.
+        limit = ctx.arrive_by if ctx.arrive_by is not None else ctx.deadline
+        if limit is not None and datetime.now(timezone.utc) > limit:
             raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call arrived after its deadline; not run")
         try:
             args = _arguments(reg, ctx, phase)
@@ -361,6 +366,7 @@ def _context(r: pb.InvokeRequest, phase: Phase) -> StepContext:
         outputs_json=dict(r.outputs_json),
         action_output_json=r.action_output_json or None,
         deadline=r.deadline.ToDatetime(tzinfo=timezone.utc) if r.HasField("deadline") else None,
+        arrive_by=r.arrive_by.ToDatetime(tzinfo=timezone.utc) if r.HasField("arrive_by") else None,
     )
 
 
