@@ -52,7 +52,18 @@ impl Cluster {
     /// included). `conf`: extra `postgresql.conf` lines.
     pub fn primary(conf: &str) -> Cluster {
         let c = Cluster::empty();
-        c.run("initdb", &["-D", c.data(), "-U", "postgres", "--auth=trust", "-E", "UTF8"]);
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                c.data(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
         c.configure(conf);
         c.start();
         c
@@ -68,9 +79,21 @@ impl Cluster {
         );
         c.run(
             "pg_basebackup",
-            &["-D", c.data(), "-d", &conninfo, "-R", "-X", "stream", "-c", "fast"],
+            &[
+                "-D",
+                c.data(),
+                "-d",
+                &conninfo,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
         );
-        c.configure("");
+        // Promoted, it must not wait for a standby of its own (an HA
+        // manager such as Patroni sets this on a failover).
+        c.configure("synchronous_standby_names = ''");
         c.start();
         c
     }
@@ -78,6 +101,8 @@ impl Cluster {
     fn empty() -> Cluster {
         let dir = std::env::temp_dir().join(format!("sagad-pg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(dir.join("data")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("data"), std::fs::Permissions::from_mode(0o700)).unwrap();
         if as_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -109,12 +134,16 @@ impl Cluster {
                 .current_dir(&self.dir)
                 .output()
         } else {
-            Command::new(&path).args(args).current_dir(&self.dir).output()
+            Command::new(&path)
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
         }
         .unwrap();
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
         assert!(
             out.status.success(),
-            "{program} {args:?}: {}{}",
+            "{program} {args:?}: {}{}\nserver log:\n{log}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -138,7 +167,16 @@ impl Cluster {
         let log = self.dir.join("server.log");
         self.run(
             "pg_ctl",
-            &["-D", self.data(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                self.data(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
     }
 

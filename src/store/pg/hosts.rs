@@ -28,7 +28,7 @@
 //! The probe has its own connection so that a saturated pool is not taken
 //! for an absent database.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +95,14 @@ impl Hosts {
                 continue;
             };
             let probe = async {
-                let mut conn = PgConnection::connect_with(&options).await?;
+                let mut conn = match PgConnection::connect_with(&options).await {
+                    // The database is created at the first start: ask the
+                    // server through its maintenance database.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+                        PgConnection::connect_with(&options.clone().database("postgres")).await?
+                    }
+                    other => other?,
+                };
                 let writable = writable(&mut conn).await;
                 let _ = conn.close().await;
                 writable
@@ -169,12 +176,16 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
 #[derive(Debug)]
 pub struct Health {
     up: AtomicBool,
+    /// How many times the database was found away: a connection made
+    /// before the last of them may be dead though it looks alive.
+    generation: AtomicU64,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Health {
             up: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -185,7 +196,15 @@ impl Health {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Bumped each time the database is found away.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     fn set(&self, up: bool) {
+        if !up {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("the database answers again");

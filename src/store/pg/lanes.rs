@@ -29,6 +29,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
+use super::hosts::Health;
 use super::{CHANNEL_DUE, CHANNEL_SETTLED};
 use crate::domain::EventKind;
 use crate::metrics::DbWrites;
@@ -132,6 +133,9 @@ impl Job {
 pub struct Lanes {
     /// Lanes connect where the pool does (which moves on a failover).
     pool: PgPool,
+    /// A lane drops its connection when the probe has found the database
+    /// away since it connected (it may look alive and be dead).
+    health: Arc<Health>,
     count: usize,
     tx: std::sync::OnceLock<mpsc::Sender<Job>>,
     stats: Arc<DbWrites>,
@@ -139,13 +143,19 @@ pub struct Lanes {
 
 impl Lanes {
     /// `count` lanes connecting where `pool` connects.
-    pub fn new(pool: PgPool, count: usize) -> Self {
+    pub fn new(pool: PgPool, count: usize, health: Arc<Health>) -> Self {
         Lanes {
             pool,
+            health,
             count: count.max(1),
             tx: std::sync::OnceLock::new(),
             stats: Arc::default(),
         }
+    }
+
+    /// How many lanes.
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     /// The lanes' figures.
@@ -158,7 +168,14 @@ impl Lanes {
             let (tx, rx) = mpsc::channel(QUEUE_MAX);
             let rx = Arc::new(Mutex::new(rx));
             for _ in 0..self.count {
-                tokio::spawn(lane(rx.clone(), self.pool.clone(), self.stats.clone()));
+                let link = Link {
+                    pool: self.pool.clone(),
+                    health: self.health.clone(),
+                    conn: None,
+                    last_used: Instant::now(),
+                    generation: 0,
+                };
+                tokio::spawn(lane(rx.clone(), link, self.stats.clone()));
             }
             tx
         })
@@ -203,9 +220,7 @@ pub fn connect_options(base: PgConnectOptions) -> PgConnectOptions {
     ])
 }
 
-async fn lane(rx: Arc<Mutex<mpsc::Receiver<Job>>>, pool: PgPool, stats: Arc<DbWrites>) {
-    let mut conn: Option<PgConnection> = None;
-    let mut last_used = Instant::now();
+async fn lane(rx: Arc<Mutex<mpsc::Receiver<Job>>>, mut link: Link, stats: Arc<DbWrites>) {
     loop {
         let mut jobs = {
             let mut rx = rx.lock().await;
@@ -230,80 +245,88 @@ async fn lane(rx: Arc<Mutex<mpsc::Receiver<Job>>>, pool: PgPool, stats: Arc<DbWr
                 now.into_iter().partition(|j| matches!(j, Job::Create(..)));
             for batch in [creates, saves] {
                 if !batch.is_empty() {
-                    run(&mut conn, &pool, &mut last_used, batch, &stats).await;
+                    run(&mut link, batch, &stats).await;
                 }
             }
         }
     }
-    if let Some(c) = conn {
+    if let Some(c) = link.conn {
         let _ = c.close().await;
     }
 }
 
-/// A usable connection: the one held (pinged if idle a while), or a new one.
-async fn connection<'c>(
-    conn: &'c mut Option<PgConnection>,
-    pool: &PgPool,
+/// A lane's connection, and how it knows whether to trust it.
+struct Link {
+    pool: PgPool,
+    health: Arc<Health>,
+    conn: Option<PgConnection>,
     last_used: Instant,
-) -> Result<&'c mut PgConnection, sqlx::Error> {
-    if last_used.elapsed() > IDLE_PING {
-        if let Some(c) = conn.as_mut() {
-            if c.ping().await.is_err() {
-                *conn = None;
+    /// The probe's generation when the connection was made.
+    generation: u64,
+}
+
+impl Link {
+    /// A usable connection: the one held (pinged if idle a while; dropped
+    /// if the database was found away since), or a new one made where the
+    /// pool connects.
+    async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.generation != self.health.generation() {
+            self.conn = None;
+        }
+        if self.last_used.elapsed() > IDLE_PING {
+            if let Some(c) = self.conn.as_mut() {
+                if c.ping().await.is_err() {
+                    self.conn = None;
+                }
             }
         }
+        if self.conn.is_none() {
+            self.generation = self.health.generation();
+            let options = connect_options((*self.pool.connect_options()).clone());
+            self.conn = Some(options.connect().await?);
+        }
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
     }
-    if conn.is_none() {
-        let options = connect_options((*pool.connect_options()).clone());
-        *conn = Some(options.connect().await?);
-    }
-    conn.as_mut().ok_or(sqlx::Error::PoolClosed)
 }
 
 /// Writes one batch; on a statement error (rolled back as a whole) each
 /// request is tried alone, so one bad request fails only itself.
-async fn run(
-    conn: &mut Option<PgConnection>,
-    pool: &PgPool,
-    last_used: &mut Instant,
-    batch: Vec<Job>,
-    stats: &DbWrites,
-) {
+async fn run(link: &mut Link, batch: Vec<Job>, stats: &DbWrites) {
     let started = Instant::now();
-    let result = match connection(conn, pool, *last_used).await {
+    let result = match link.get().await {
         Ok(c) => write(c, &batch).await,
         Err(e) => Err(e),
     };
-    *last_used = Instant::now();
+    link.last_used = Instant::now();
     // A failed batch is retried request by request below, and those
     // statements count its requests.
     // A lost connection fails every request alike: nothing to retry here.
     let lost = matches!(&result, Err(e) if super::is_connection_loss(e));
     let retried = matches!(result, Err(sqlx::Error::Database(_))) && batch.len() > 1 && !lost;
     let requests = if retried { 0 } else { batch.len() };
-    stats.statement(requests, last_used.duration_since(started));
+    stats.statement(requests, link.last_used.duration_since(started));
     match result {
         Ok(rows) => {
             let notices = Notices::of(&rows);
             answer(batch, rows);
-            if let Some(c) = conn.as_mut() {
+            if let Some(c) = link.conn.as_mut() {
                 if let Err(error) = notices.send(c).await {
                     tracing::warn!(%error, "notifying other coordinators failed; they poll");
-                    *conn = None;
+                    link.conn = None;
                 }
             }
         }
         Err(sqlx::Error::Database(e)) if retried => {
             tracing::warn!(error = %e, n = batch.len(), "a batched write failed; writing its requests one by one");
             for job in batch {
-                Box::pin(run(conn, pool, last_used, vec![job], stats)).await;
+                Box::pin(run(link, vec![job], stats)).await;
             }
         }
         Err(e) => {
             if lost || !matches!(e, sqlx::Error::Database(_)) {
                 // The connection may be broken, and whether the statement
                 // committed is unknown: callers treat it as such.
-                *conn = None;
+                link.conn = None;
             }
             let e = StoreError::from(e);
             for job in batch {

@@ -228,16 +228,20 @@ impl PgStore {
     /// dedicated connections that batch concurrent writes into one
     /// statement each (group commit). They connect on first use.
     pub fn with_write_lanes(pool: PgPool, lanes: usize) -> Self {
+        let health = Arc::<hosts::Health>::default();
         PgStore {
-            lanes: Arc::new(Lanes::new(pool.clone(), lanes)),
+            lanes: Arc::new(Lanes::new(pool.clone(), lanes, health.clone())),
             pool,
-            health: Arc::default(),
+            health,
         }
     }
 
     /// This store answers `Unavailable` at once while `health` says the
     /// database is away.
     pub fn with_health(mut self, health: Arc<hosts::Health>) -> Self {
+        // Lanes start on first use: new ones cost nothing yet.
+        let lanes = Lanes::new(self.pool.clone(), self.lanes.count(), health.clone());
+        self.lanes = Arc::new(lanes);
         self.health = health;
         self
     }
