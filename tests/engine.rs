@@ -717,6 +717,7 @@ async fn channels_of_dead_participant_instances_are_dropped() {
         timeout: Duration::from_secs(5),
         deadline: now + chrono::Duration::seconds(5),
         arrive_by: now + chrono::Duration::seconds(5),
+        lease_epoch: 1,
         traceparent: None,
     };
     for _ in 0..2 {

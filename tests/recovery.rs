@@ -278,7 +278,16 @@ async fn a_crashed_coordinators_long_call_is_taken_over_within_the_lease() {
     let crashed = std::time::Instant::now();
     first.crash().await;
     svc.wait_calls("a.do", 2).await;
-    let took = svc.calls_to("a.do")[1].at.duration_since(crashed);
+    let calls = svc.calls_to("a.do");
+    let took = calls[1].at.duration_since(crashed);
+    assert!(
+        calls[0].req.lease_epoch >= 1,
+        "calls carry their lease's epoch"
+    );
+    assert!(
+        calls[1].req.lease_epoch > calls[0].req.lease_epoch,
+        "a takeover's is newer"
+    );
     assert!(
         took < Duration::from_millis(1_000 + 200 + 2_000),
         "taken over after {took:?}, not within the lease plus a poll"

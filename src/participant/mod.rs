@@ -85,6 +85,8 @@ pub struct Invocation<'a> {
     pub deadline: DateTime<Utc>,
     /// When the call must have reached the participant (database clock).
     pub arrive_by: DateTime<Utc>,
+    /// The epoch of the lease the call is made under.
+    pub lease_epoch: i64,
     /// The call's own `traceparent` when its span is recorded; else the
     /// saga's context (if any) is passed on as it is.
     pub traceparent: Option<String>,
@@ -413,6 +415,7 @@ fn build_request(inv: &Invocation<'_>, handler: String) -> proto::InvokeRequest 
         action_output_json,
         deadline: Some(timestamp(inv.deadline)),
         arrive_by: Some(timestamp(inv.arrive_by)),
+        lease_epoch: u64::try_from(inv.lease_epoch).unwrap_or(0),
     }
 }
 

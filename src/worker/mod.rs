@@ -449,7 +449,10 @@ impl Worker {
                         phase,
                         attempt,
                     };
-                    match self.call(&call, timeout, deadline, arrive_by).await {
+                    match self
+                        .call(&call, driver.lease().epoch, timeout, deadline, arrive_by)
+                        .await
+                    {
                         Some(input) => input,
                         None => return Done::Dropped,
                     }
@@ -476,6 +479,7 @@ impl Worker {
     async fn call(
         &self,
         c: &CallSpan<'_>,
+        lease_epoch: i64,
         timeout: Duration,
         deadline: DateTime<Utc>,
         arrive_by: DateTime<Utc>,
@@ -493,6 +497,7 @@ impl Worker {
             timeout,
             deadline,
             arrive_by,
+            lease_epoch,
             traceparent: span.map(|s| s.own.to_string()),
         };
         let started = std::time::Instant::now();

@@ -48,6 +48,16 @@ pub async fn client_at(addr: &str, token: Option<&str>) -> Client {
     client_on(channel, token)
 }
 
+/// A client of the coordinator at `addr`, if it can be reached.
+pub async fn client_at_checked(addr: &str) -> Option<Client> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    Some(client_on(channel, None))
+}
+
 pub fn client_on(channel: Channel, token: Option<&str>) -> Client {
     let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
     CoordinatorServiceClient::with_interceptor(channel, bearer)

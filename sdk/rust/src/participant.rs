@@ -58,6 +58,10 @@ pub struct StepContext {
     /// When the call had to arrive by (the coordinator's lease covers
     /// arrivals until then); a later call is refused unrun.
     pub arrive_by: Option<SystemTime>,
+    /// The epoch of the coordinator's lease on the saga: it grows with
+    /// every takeover, so a saga's calls arrive with epochs that never go
+    /// down (0: not sent).
+    pub lease_epoch: u64,
 }
 
 impl StepContext {
@@ -126,6 +130,7 @@ impl StepContext {
             action_output_json: (!r.action_output_json.is_empty()).then_some(r.action_output_json),
             deadline,
             arrive_by,
+            lease_epoch: r.lease_epoch,
         })
     }
 }

@@ -92,6 +92,9 @@ class StepContext:
     #: When the call had to arrive by (the coordinator's lease covers
     #: arrivals until then); a later call is refused unrun.
     arrive_by: datetime | None = None
+    #: The epoch of the coordinator's lease on the saga: it grows with every
+    #: takeover, so a saga's calls arrive with epochs that never go down.
+    lease_epoch: int = 0
 
     def output(self, step: str) -> Any:
         """The output of an earlier step, parsed (``None`` if it has none)."""
@@ -367,6 +370,7 @@ def _context(r: pb.InvokeRequest, phase: Phase) -> StepContext:
         action_output_json=r.action_output_json or None,
         deadline=r.deadline.ToDatetime(tzinfo=timezone.utc) if r.HasField("deadline") else None,
         arrive_by=r.arrive_by.ToDatetime(tzinfo=timezone.utc) if r.HasField("arrive_by") else None,
+        lease_epoch=r.lease_epoch,
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19saga/v1/participant.proto\x12\x07saga.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x03\n\rInvokeRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\x12\x1d\n\x05phase\x18\x04 \x01(\x0e\x32\x0e.saga.v1.Phase\x12\x0f\n\x07handler\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x12\n\ninput_json\x18\x08 \x01(\t\x12=\n\x0coutputs_json\x18\t \x03(\x0b\x32\'.saga.v1.InvokeRequest.OutputsJsonEntry\x12\x1a\n\x12\x61\x63tion_output_json\x18\n \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tarrive_by\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10OutputsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0eInvokeResponse\x12!\n\x07outcome\x18\x01 \x01(\x0e\x32\x10.saga.v1.Outcome\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*H\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_ACTION\x10\x01\x12\x16\n\x12PHASE_COMPENSATION\x10\x02*`\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x32O\n\x12ParticipantService\x12\x39\n\x06Invoke\x12\x16.saga.v1.InvokeRequest\x1a\x17.saga.v1.InvokeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19saga/v1/participant.proto\x12\x07saga.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x03\n\rInvokeRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\x12\x1d\n\x05phase\x18\x04 \x01(\x0e\x32\x0e.saga.v1.Phase\x12\x0f\n\x07handler\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x12\n\ninput_json\x18\x08 \x01(\t\x12=\n\x0coutputs_json\x18\t \x03(\x0b\x32\'.saga.v1.InvokeRequest.OutputsJsonEntry\x12\x1a\n\x12\x61\x63tion_output_json\x18\n \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tarrive_by\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blease_epoch\x18\r \x01(\x04\x1a\x32\n\x10OutputsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0eInvokeResponse\x12!\n\x07outcome\x18\x01 \x01(\x0e\x32\x10.saga.v1.Outcome\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*H\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_ACTION\x10\x01\x12\x16\n\x12PHASE_COMPENSATION\x10\x02*`\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x32O\n\x12ParticipantService\x12\x39\n\x06Invoke\x12\x16.saga.v1.InvokeRequest\x1a\x17.saga.v1.InvokeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._loaded_options = None
   _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=575
-  _globals['_PHASE']._serialized_end=647
-  _globals['_OUTCOME']._serialized_start=649
-  _globals['_OUTCOME']._serialized_end=745
+  _globals['_PHASE']._serialized_start=596
+  _globals['_PHASE']._serialized_end=668
+  _globals['_OUTCOME']._serialized_start=670
+  _globals['_OUTCOME']._serialized_end=766
   _globals['_INVOKEREQUEST']._serialized_start=72
-  _globals['_INVOKEREQUEST']._serialized_end=484
-  _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._serialized_start=434
-  _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._serialized_end=484
-  _globals['_INVOKERESPONSE']._serialized_start=486
-  _globals['_INVOKERESPONSE']._serialized_end=573
-  _globals['_PARTICIPANTSERVICE']._serialized_start=747
-  _globals['_PARTICIPANTSERVICE']._serialized_end=826
+  _globals['_INVOKEREQUEST']._serialized_end=505
+  _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._serialized_start=455
+  _globals['_INVOKEREQUEST_OUTPUTSJSONENTRY']._serialized_end=505
+  _globals['_INVOKERESPONSE']._serialized_start=507
+  _globals['_INVOKERESPONSE']._serialized_end=594
+  _globals['_PARTICIPANTSERVICE']._serialized_start=768
+  _globals['_PARTICIPANTSERVICE']._serialized_end=847
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ OUTCOME_FAILED: Outcome
 OUTCOME_RETRY: Outcome
 
 class InvokeRequest(_message.Message):
-    __slots__ = ("saga_id", "definition", "step", "phase", "handler", "attempt", "idempotency_key", "input_json", "outputs_json", "action_output_json", "deadline", "arrive_by")
+    __slots__ = ("saga_id", "definition", "step", "phase", "handler", "attempt", "idempotency_key", "input_json", "outputs_json", "action_output_json", "deadline", "arrive_by", "lease_epoch")
     class OutputsJsonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class InvokeRequest(_message.Message):
     ACTION_OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     ARRIVE_BY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     definition: str
     step: str
@@ -63,7 +64,8 @@ class InvokeRequest(_message.Message):
     action_output_json: str
     deadline: _timestamp_pb2.Timestamp
     arrive_by: _timestamp_pb2.Timestamp
-    def __init__(self, saga_id: _Optional[str] = ..., definition: _Optional[str] = ..., step: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., handler: _Optional[str] = ..., attempt: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_json: _Optional[str] = ..., outputs_json: _Optional[_Mapping[str, str]] = ..., action_output_json: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., arrive_by: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    lease_epoch: int
+    def __init__(self, saga_id: _Optional[str] = ..., definition: _Optional[str] = ..., step: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., handler: _Optional[str] = ..., attempt: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_json: _Optional[str] = ..., outputs_json: _Optional[_Mapping[str, str]] = ..., action_output_json: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., arrive_by: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
     __slots__ = ("outcome", "output_json", "error")

@@ -1,0 +1,825 @@
+//! The chaos suite: bank transfers through three real `sagad` processes on a
+//! PostgreSQL cluster of the test's own, with participants built on the SDK
+//! and its barrier, while coordinators are killed and paused, participants
+//! fail, hang and restart, and PostgreSQL restarts. Then the books are
+//! checked.
+//!
+//! ```text
+//!   callers ──StartSaga──▶ sagad ×3 ──▶ bank-a: debit / refund     (db bank_a)
+//!      (any live one)        │  │  └──▶ bank-b: credit (pivot;    (db bank_b)
+//!                            │  │              refuses frozen accounts)
+//!                            │  └─────▶ notify (after the pivot)   (db bank_b)
+//!                            └─ db sagad            all on one private cluster
+//!   chaos, every 2 s: SIGKILL + restart a coordinator │ SIGSTOP one past its
+//!   lease, then SIGCONT │ restart a participant; PostgreSQL restarted once;
+//!   handlers fail (retry), lose answers (work done, error returned) and
+//!   hang past their timeout at random throughout
+//! ```
+//!
+//! `cargo test --release --test chaos -- --nocapture` runs it for
+//! `SAGA_CHAOS_SECS` seconds of load (default 30, the short form CI runs);
+//! it prints one summary line.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/bin.rs"]
+mod bin;
+#[path = "common/certs.rs"]
+mod certs;
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::HashMap;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+use saga_coordinator::proto;
+use saga_sdk::barrier::Barrier;
+use saga_sdk::{Participant, RetryPolicy, SagaDefinition, Step, StepError};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+
+const ACCOUNTS: i64 = 10;
+const OPENING: i64 = 1_000;
+const LEASE_MS: u64 = 2_000;
+const STEP_TIMEOUT: Duration = Duration::from_millis(1_000);
+const CALLERS: usize = 8;
+const TRANSFERS_MAX: usize = 4_000;
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct Transfer {
+    from: i64,
+    to: i64,
+    amount: i64,
+    frozen: bool,
+}
+
+/// What the participants did wrong on purpose.
+#[derive(Default)]
+struct Faults {
+    failed: AtomicU64,
+    lost: AtomicU64,
+    hung: AtomicU64,
+    restarts: AtomicU64,
+    /// Every call that reached a handler, in arrival order: saga and the
+    /// epoch of the lease it was sent under.
+    arrivals: Mutex<Vec<(uuid::Uuid, u64)>>,
+}
+
+impl Faults {
+    /// A call arrives; before the work: maybe refuse for now, maybe hang
+    /// past the timeout.
+    async fn before(&self, ctx: &saga_sdk::StepContext) -> Result<(), StepError> {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .push((ctx.saga_id, ctx.lease_epoch));
+        match rand::random_range(0..100) {
+            0..=4 => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(StepError::retry_later("chaos: not now"))
+            }
+            5..=6 => {
+                self.hung.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(STEP_TIMEOUT + Duration::from_millis(500)).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After the work committed: maybe lose the answer.
+    fn after(&self) -> Result<(), StepError> {
+        if rand::random_range(0..100) < 3 {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            return Err(StepError::unknown("chaos: answer lost"));
+        }
+        Ok(())
+    }
+}
+
+/// Who a ledger row is for: saga, step, phase.
+type Entry = (String, String, &'static str);
+
+fn entry(ctx: &saga_sdk::StepContext) -> Entry {
+    let phase = if ctx.phase == saga_sdk::Phase::Action {
+        "action"
+    } else {
+        "compensation"
+    };
+    (ctx.saga_id.to_string(), ctx.step.clone(), phase)
+}
+
+async fn ledger(
+    c: &mut sqlx::PgConnection,
+    (saga, step, phase): Entry,
+    account: i64,
+    delta: i64,
+) -> Result<(), StepError> {
+    sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+        .bind(account)
+        .bind(delta)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query("INSERT INTO ledger (saga, step, phase, amount) VALUES ($1, $2, $3, $4)")
+        .bind(saga)
+        .bind(step)
+        .bind(phase)
+        .bind(delta)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+fn bank_a(b: Barrier, f: Arc<Faults>) -> Participant {
+    let (b2, f2) = (b.clone(), f.clone());
+    Participant::builder("bank-a")
+        .action("debit", move |ctx, t: Transfer| {
+            let (b, f) = (b.clone(), f.clone());
+            async move {
+                f.before(&ctx).await?;
+                {
+                    let e = entry(&ctx);
+                    b.action(&ctx, move |c| Box::pin(ledger(c, e, t.from, -t.amount)))
+                        .await?;
+                }
+                f.after()
+            }
+        })
+        .compensation(
+            "refund",
+            move |ctx, t: Transfer, _: Option<serde_json::Value>| {
+                let (b, f) = (b2.clone(), f2.clone());
+                async move {
+                    f.before(&ctx).await?;
+                    {
+                        let e = entry(&ctx);
+                        b.compensation(&ctx, move |c| Box::pin(ledger(c, e, t.from, t.amount)))
+                            .await?;
+                    }
+                    f.after()
+                }
+            },
+        )
+        .build()
+}
+
+fn bank_b(b: Barrier, f: Arc<Faults>) -> Participant {
+    let (b2, f2) = (b.clone(), f.clone());
+    Participant::builder("bank-b")
+        .action("credit", move |ctx, t: Transfer| {
+            let (b, f) = (b.clone(), f.clone());
+            async move {
+                f.before(&ctx).await?;
+                if t.frozen {
+                    return Err(StepError::refuse("account frozen"));
+                }
+                {
+                    let e = entry(&ctx);
+                    b.action(&ctx, move |c| Box::pin(ledger(c, e, t.to, t.amount)))
+                        .await?;
+                }
+                f.after()
+            }
+        })
+        .action("notify", move |ctx, _: Transfer| {
+            let (b, f) = (b2.clone(), f2.clone());
+            async move {
+                f.before(&ctx).await?;
+                {
+                    let e = entry(&ctx);
+                    b.action(&ctx, move |c| Box::pin(ledger(c, e, 0, 0)))
+                        .await?;
+                }
+                f.after()
+            }
+        })
+        .build()
+}
+
+/// A participant served on a fixed address, restartable.
+struct Served {
+    addr: std::net::SocketAddr,
+    make: Box<dyn Fn() -> Participant + Send + Sync>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Served {
+    async fn start(make: Box<dyn Fn() -> Participant + Send + Sync>) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut s = Served {
+            addr: listener.local_addr().unwrap(),
+            make,
+            stop: None,
+            task: None,
+        };
+        s.serve(listener);
+        s
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let p = (self.make)();
+        self.task = Some(tokio::spawn(p.serve(listener, async {
+            let _ = rx.await;
+        })));
+        self.stop = Some(tx);
+    }
+
+    /// Stops serving (calls in flight are cut off) and serves again.
+    async fn restart(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.stop = None;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+/// One `sagad` process.
+struct Coord {
+    child: Child,
+    grpc: String,
+    admin: String,
+    owner: String,
+}
+
+fn spawn_coord(db_url: &str, parts: &[(&str, std::net::SocketAddr)]) -> Coord {
+    let mut args = vec![
+        "--database-url".to_owned(),
+        db_url.to_owned(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--admin-addr".into(),
+        "127.0.0.1:0".into(),
+        "--lease-ttl-ms".into(),
+        LEASE_MS.to_string(),
+        "--poll-interval-ms".into(),
+        "200".into(),
+    ];
+    for (name, addr) in parts {
+        args.push("--participant".into());
+        args.push(format!("{name}=http://{addr}"));
+    }
+    let mut cmd = bin::sagad();
+    cmd.env("RUST_LOG", "warn,saga_coordinator::server=info")
+        .args(&args);
+    let (child, _, started, rest) = bin::spawn_cmd_started(&mut cmd);
+    // Keep reading its log so that it never blocks on a full pipe.
+    std::thread::spawn(move || while rest.recv().is_ok() {});
+    Coord {
+        child,
+        grpc: bin::log_field(&started, "grpc_addr"),
+        admin: bin::log_field(&started, "admin_addr"),
+        owner: bin::log_field(&started, "owner"),
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn definition() -> SagaDefinition {
+    let retry =
+        |n| RetryPolicy::exponential(n, Duration::from_millis(50), Duration::from_millis(500));
+    SagaDefinition::builder("transfer")
+        .step(
+            Step::new("debit", "bank-a")
+                .action("debit")
+                .compensation("refund")
+                .idempotent()
+                .timeout(STEP_TIMEOUT)
+                .retry(retry(30))
+                .compensation_retry(retry(1_000)),
+        )
+        .step(
+            Step::new("credit", "bank-b")
+                .action("credit")
+                .idempotent()
+                .timeout(STEP_TIMEOUT)
+                .retry(retry(30)),
+        )
+        .step(
+            Step::new("notify", "bank-b")
+                .action("notify")
+                .idempotent()
+                .timeout(STEP_TIMEOUT)
+                .retry(retry(1_000)),
+        )
+        .build()
+        .unwrap()
+}
+
+async fn bank_db(pg: &Cluster, name: &str) -> PgPool {
+    let admin = PgPool::connect(&pg.url("postgres")).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(20)
+        .connect(&pg.url(name))
+        .await
+        .unwrap();
+    for ddl in [
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL)",
+        "CREATE TABLE ledger (seq bigserial PRIMARY KEY, saga text, step text, phase text, amount bigint)",
+    ] {
+        sqlx::query(ddl).execute(&pool).await.unwrap();
+    }
+    sqlx::query("INSERT INTO accounts SELECT g, $1 FROM generate_series(0, $2) g")
+        .bind(OPENING)
+        .bind(ACCOUNTS)
+        .execute(&pool)
+        .await
+        .unwrap();
+    Barrier::new(pool.clone()).create_table().await.unwrap();
+    pool
+}
+
+/// What the chaos did.
+#[derive(Default, Debug)]
+struct Done {
+    kills: u64,
+    pauses: u64,
+    db_restarts: u64,
+    takeovers_ms: Vec<u64>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos() {
+    let secs: u64 = std::env::var("SAGA_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let pg = Cluster::primary("max_connections = 300");
+    let (a_db, b_db) = (bank_db(&pg, "bank_a").await, bank_db(&pg, "bank_b").await);
+    let faults = Arc::new(Faults::default());
+    let mut parts = Vec::new();
+    for (name, db, make) in [
+        (
+            "bank-a",
+            a_db.clone(),
+            bank_a as fn(Barrier, Arc<Faults>) -> Participant,
+        ),
+        ("bank-b", b_db.clone(), bank_b),
+    ] {
+        let f = faults.clone();
+        let served =
+            Served::start(Box::new(move || make(Barrier::new(db.clone()), f.clone()))).await;
+        parts.push((name, served));
+    }
+    let addrs: Vec<(&str, std::net::SocketAddr)> =
+        parts.iter().map(|(n, s)| (*n, s.addr)).collect();
+    let db_url = pg.url("sagad");
+    let coords: Arc<Mutex<Vec<Coord>>> = Arc::new(Mutex::new(
+        (0..3).map(|_| spawn_coord(&db_url, &addrs)).collect(),
+    ));
+    let first = coords.lock().unwrap()[0].grpc.clone();
+    let client = saga_sdk::Client::connect(format!("http://{first}"))
+        .await
+        .unwrap();
+    client.register(&definition()).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| tokio::spawn(caller(coords.clone(), stop.clone(), started.clone())))
+        .collect();
+    let sagad_pool = PgPool::connect(&db_url).await.unwrap();
+    let mut done = Done::default();
+    let window = Instant::now();
+    let mut round = 0u64;
+    while window.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        round += 1;
+        if round == (secs / 4).max(1) {
+            pg.stop("fast");
+            pg.start();
+            done.db_restarts += 1;
+            continue;
+        }
+        match round % 3 {
+            0 => kill_one(&coords, &db_url, &addrs, &sagad_pool, &mut done).await,
+            1 => {
+                let c = pick(&coords);
+                signal(&coords.lock().unwrap()[c].child, "-STOP");
+                tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
+                signal(&coords.lock().unwrap()[c].child, "-CONT");
+                done.pauses += 1;
+            }
+            _ => {
+                let i = rand::random_range(0..parts.len());
+                parts[i].1.restart().await;
+                faults.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for c in callers {
+        acked.extend(c.await.unwrap());
+    }
+    let mut report = check(&sagad_pool, &a_db, &b_db, &acked).await;
+    report
+        .violations
+        .extend(overlaps(&faults.arrivals.lock().unwrap()));
+    let mut t = done.takeovers_ms.clone();
+    t.sort_unstable();
+    let p50 = t.get(t.len() / 2).copied().unwrap_or(0);
+    let max = t.last().copied().unwrap_or(0);
+    println!(
+        "chaos: {} sagas ({} completed, {} compensated, {} suspended), kills {}, pauses {}, participant faults {} (failed {}, answers lost {}, hung {}, restarts {}), db restarts {}, takeover p50 {p50} ms max {max} ms ({} sagas), violations {}",
+        report.sagas,
+        report.completed,
+        report.compensated,
+        report.suspended.len(),
+        done.kills,
+        done.pauses,
+        faults.failed.load(Ordering::Relaxed) + faults.lost.load(Ordering::Relaxed) + faults.hung.load(Ordering::Relaxed) + faults.restarts.load(Ordering::Relaxed),
+        faults.failed.load(Ordering::Relaxed),
+        faults.lost.load(Ordering::Relaxed),
+        faults.hung.load(Ordering::Relaxed),
+        faults.restarts.load(Ordering::Relaxed),
+        done.db_restarts,
+        t.len(),
+        report.violations.len(),
+    );
+    for s in &report.suspended {
+        println!("  suspended: {s}");
+    }
+    for c in coords.lock().unwrap().iter_mut() {
+        let _ = c.child.kill();
+        let _ = c.child.wait();
+    }
+    assert!(
+        report.violations.is_empty(),
+        "violations: {:#?}",
+        report.violations
+    );
+    assert!(report.sagas > 50, "too little load to mean anything");
+    assert!(done.db_restarts == 1);
+    let lease = LEASE_MS + 200 + 2_000;
+    assert!(
+        max <= lease,
+        "a takeover took {max} ms, more than the lease plus a poll and a margin ({lease} ms)"
+    );
+}
+
+/// No saga driven by two coordinators at once: once a call of a newer
+/// lease arrived, none of an older one may.
+fn overlaps(arrivals: &[(uuid::Uuid, u64)]) -> Vec<String> {
+    let mut newest: HashMap<uuid::Uuid, u64> = HashMap::new();
+    let mut v = Vec::new();
+    for (saga, epoch) in arrivals {
+        let n = newest.entry(*saga).or_default();
+        if *epoch < *n {
+            v.push(format!(
+                "saga {saga}: a call of lease epoch {epoch} arrived after one of epoch {n}"
+            ));
+        }
+        *n = (*n).max(*epoch);
+    }
+    v
+}
+
+fn pick(coords: &Arc<Mutex<Vec<Coord>>>) -> usize {
+    rand::random_range(0..coords.lock().unwrap().len())
+}
+
+/// SIGKILLs one coordinator, restarts it, and measures how long its sagas
+/// wait for another (their epoch moving on).
+async fn kill_one(
+    coords: &Arc<Mutex<Vec<Coord>>>,
+    db_url: &str,
+    addrs: &[(&str, std::net::SocketAddr)],
+    pool: &PgPool,
+    done: &mut Done,
+) {
+    let c = pick(coords);
+    let owner = coords.lock().unwrap()[c].owner.clone();
+    {
+        let mut all = coords.lock().unwrap();
+        let _ = all[c].child.kill();
+        let _ = all[c].child.wait();
+    }
+    let killed = Instant::now();
+    done.kills += 1;
+    let held: Vec<(String, i64)> = sqlx::query(
+        "SELECT saga_id::text AS id, lease_epoch FROM sagas
+         WHERE owner = $1::uuid AND state IN ('RUNNING', 'COMPENSATING')",
+    )
+    .bind(&owner)
+    .fetch_all(pool)
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|r| (r.get("id"), r.get("lease_epoch")))
+            .collect()
+    })
+    .unwrap_or_default();
+    let fresh = spawn_coord(db_url, addrs);
+    coords.lock().unwrap()[c] = fresh;
+    let mut waiting: HashMap<String, i64> = held.into_iter().collect();
+    while !waiting.is_empty() && killed.elapsed() < Duration::from_secs(30) {
+        let ids: Vec<String> = waiting.keys().cloned().collect();
+        if let Ok(rows) = sqlx::query(
+            "SELECT saga_id::text AS id, lease_epoch FROM sagas WHERE saga_id::text = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await
+        {
+            for r in rows {
+                let (id, epoch): (String, i64) = (r.get("id"), r.get("lease_epoch"));
+                if waiting.get(&id).is_some_and(|e| epoch > *e) {
+                    waiting.remove(&id);
+                    done.takeovers_ms.push(killed.elapsed().as_millis() as u64);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts transfers through any live coordinator until `stop`; a start
+/// that fails is retried under the same id (starts are idempotent by id).
+async fn caller(
+    coords: Arc<Mutex<Vec<Coord>>>,
+    stop: Arc<AtomicBool>,
+    n: Arc<AtomicU64>,
+) -> Vec<String> {
+    let mut acked = Vec::new();
+    while !stop.load(Ordering::Relaxed)
+        && (n.fetch_add(1, Ordering::Relaxed) as usize) < TRANSFERS_MAX
+    {
+        let id = uuid::Uuid::new_v4().to_string();
+        let t = Transfer {
+            from: rand::random_range(0..ACCOUNTS),
+            to: rand::random_range(0..ACCOUNTS),
+            amount: rand::random_range(1..50),
+            frozen: rand::random_range(0..10) == 0,
+        };
+        for _ in 0..20 {
+            let addr = {
+                let all = coords.lock().unwrap();
+                all[rand::random_range(0..all.len())].grpc.clone()
+            };
+            let req = proto::StartSagaRequest {
+                definition: "transfer".into(),
+                saga_id: id.clone(),
+                input_json: serde_json::to_string(&t).unwrap(),
+                ..Default::default()
+            };
+            let started = async {
+                let mut c = common::client_at_checked(&addr).await?;
+                c.start_saga(req).await.ok()
+            };
+            match tokio::time::timeout(Duration::from_secs(5), started).await {
+                Ok(Some(_)) => {
+                    acked.push(id.clone());
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    acked
+}
+
+/// What the books say.
+struct Report {
+    sagas: usize,
+    completed: usize,
+    compensated: usize,
+    suspended: Vec<String>,
+    violations: Vec<String>,
+}
+
+/// Waits until no saga is in flight, then checks every invariant.
+async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Report {
+    let until = Instant::now() + Duration::from_secs(180);
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sagas WHERE state IN ('RUNNING', 'COMPENSATING')",
+        )
+        .fetch_one(sagad)
+        .await
+        .unwrap();
+        if busy == 0 || Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut v = Vec::new();
+    let rows = sqlx::query("SELECT saga_id::text AS id, state FROM sagas")
+        .fetch_all(sagad)
+        .await
+        .unwrap();
+    let states: HashMap<String, String> =
+        rows.iter().map(|r| (r.get("id"), r.get("state"))).collect();
+    for id in acked {
+        if !states.contains_key(id) {
+            v.push(format!("acknowledged saga {id} is missing"));
+        }
+    }
+    let count = |s: &str| states.values().filter(|x| *x == s).count();
+    for (id, s) in &states {
+        if !matches!(s.as_str(), "COMPLETED" | "COMPENSATED" | "SUSPENDED") {
+            v.push(format!("saga {id} ended {s}"));
+        }
+    }
+    // Money: nothing made or lost.
+    let total = |p: &PgPool| {
+        let p = p.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT sum(balance)::bigint FROM accounts")
+                .fetch_one(&p)
+                .await
+                .unwrap()
+        }
+    };
+    let money = total(a).await + total(b).await;
+    if money != 2 * (ACCOUNTS + 1) * OPENING {
+        v.push(format!(
+            "money not conserved: {money} against {}",
+            2 * (ACCOUNTS + 1) * OPENING
+        ));
+    }
+    // No key applied twice; no action after its compensation.
+    for (name, p) in [("bank_a", a), ("bank_b", b)] {
+        let twice: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT saga, step, phase FROM ledger GROUP BY 1, 2, 3 HAVING count(*) > 1",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap();
+        for t in twice {
+            v.push(format!("{name}: {t:?} applied twice"));
+        }
+        let late: Vec<(String,)> = sqlx::query_as(
+            "SELECT a.saga FROM ledger a JOIN ledger c ON a.saga = c.saga AND a.step = c.step
+             WHERE a.phase = 'action' AND c.phase = 'compensation' AND a.seq > c.seq",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap();
+        for (saga,) in late {
+            v.push(format!(
+                "{name}: saga {saga}'s action after its compensation"
+            ));
+        }
+    }
+    // Per saga, the books agree with how it ended.
+    let effects = |p: &PgPool| {
+        let p = p.clone();
+        async move {
+            let rows: Vec<(String, String, String)> =
+                sqlx::query_as("SELECT saga, step, phase FROM ledger")
+                    .fetch_all(&p)
+                    .await
+                    .unwrap();
+            rows
+        }
+    };
+    let mut seen: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for (saga, step, phase) in effects(a).await.into_iter().chain(effects(b).await) {
+        seen.entry(saga).or_default().push((step, phase));
+    }
+    let has = |id: &str, step: &str, phase: &str| {
+        seen.get(id)
+            .is_some_and(|e| e.iter().any(|(s, p)| s == step && p == phase))
+    };
+    let mut suspended = Vec::new();
+    for (id, s) in &states {
+        let (debit, refund, credit) = (
+            has(id, "debit", "action"),
+            has(id, "debit", "compensation"),
+            has(id, "credit", "action"),
+        );
+        match s.as_str() {
+            "COMPLETED" if !(debit && credit && !refund && has(id, "notify", "action")) => {
+                v.push(format!("completed saga {id} has books {:?}", seen.get(id)))
+            }
+            "COMPENSATED" if credit || debit != refund => v.push(format!(
+                "compensated saga {id} has books {:?}",
+                seen.get(id)
+            )),
+            "SUSPENDED" => {
+                let reason: Option<String> = sqlx::query_scalar(
+                    "SELECT detail::text FROM saga_events WHERE saga_id = $1::uuid ORDER BY seq DESC LIMIT 1",
+                )
+                .bind(id)
+                .fetch_optional(sagad)
+                .await
+                .unwrap();
+                match reason {
+                    Some(r) if !r.is_empty() => suspended.push(format!("{id}: {r}")),
+                    _ => v.push(format!("saga {id} suspended without a reason")),
+                }
+            }
+            _ => {}
+        }
+    }
+    // History: numbered from 1 without gaps, opened by `started`.
+    let history: Vec<(String, i64, i64, String)> = sqlx::query_as(
+        "SELECT saga_id::text, count(*), max(seq)::bigint, min(kind) FILTER (WHERE seq = 1) FROM saga_events GROUP BY 1",
+    )
+    .fetch_all(sagad)
+    .await
+    .unwrap();
+    for (id, n, max, first) in history {
+        if n != max || first != "started" {
+            v.push(format!(
+                "saga {id}: history of {n} entries up to {max}, opened by {first}"
+            ));
+        }
+    }
+    Report {
+        sagas: states.len(),
+        completed: count("COMPLETED"),
+        compensated: count("COMPENSATED"),
+        suspended,
+        violations: v,
+    }
+}
+
+/// A coordinator paused (SIGSTOP) past its lease while its call is in
+/// flight: another takes the saga over and finishes it; when the paused one
+/// resumes and gets its answer, its write is refused (fenced on the epoch)
+/// and the saga stays as the other left it.
+#[tokio::test]
+async fn a_paused_coordinators_writes_are_refused_after_it_resumes() {
+    use common::{Reply, Scripted, TestDb};
+    let db = TestDb::new().await;
+    let svc = Scripted::default();
+    let svc_url = svc.clone().serve().await;
+    let svc_addr: std::net::SocketAddr = svc_url.trim_start_matches("http://").parse().unwrap();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    svc.script(
+        "a.do",
+        vec![
+            Reply::Block(gate_rx, r#""stale""#.into()),
+            Reply::Succeed(r#""fresh""#.into()),
+        ],
+    );
+    let spawn = || spawn_coord(&db.url, &[("svc", svc_addr)]);
+    let mut a = spawn();
+    let mut ca = common::client_at(&a.grpc, None).await;
+    let mut slow = common::step("a", "svc", true, true);
+    slow.timeout = Some(common::ms(60_000));
+    common::register(&mut ca, common::definition("one", vec![slow])).await;
+    let saga = common::start(&mut ca, "one", "{}").await;
+    svc.wait_calls("a.do", 1).await;
+    signal(&a.child, "-STOP");
+    let mut b = spawn();
+    let mut cb = common::client_at(&b.grpc, None).await;
+    let done = common::wait(&mut cb, &saga.saga_id).await;
+    assert_eq!(common::state(&done), proto::SagaState::Completed);
+    let history = common::events(&mut cb, &saga.saga_id).await;
+
+    gate.send(true).unwrap();
+    signal(&a.child, "-CONT");
+    let admin: std::net::SocketAddr = a.admin.parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = common::http(admin, "GET", "/metrics", &[], "").await.body;
+        if m.contains("sagad_leases_lost_total 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the resumed coordinator's write was not refused:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = common::wait(&mut cb, &saga.saga_id).await;
+    assert_eq!(
+        after.steps[0].output_json, r#""fresh""#,
+        "the stale answer was fenced out"
+    );
+    assert_eq!(
+        common::events(&mut cb, &saga.saga_id).await.len(),
+        history.len()
+    );
+    for c in [&mut a, &mut b] {
+        let _ = c.child.kill();
+        let _ = c.child.wait();
+    }
+}
