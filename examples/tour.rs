@@ -95,6 +95,7 @@ async fn run_participant(name: &'static str, coordinator: String) -> anyhow::Res
             seconds: 10,
             nanos: 0,
         }),
+        weight: 0,
     };
     client.heartbeat(beat.clone()).await?;
     tokio::spawn(async move {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::participant::{BalanceConfig, Policy};
+
 /// Room in a gRPC message beyond its payloads (names, ids, errors,
 /// timestamps, metadata).
 const GRPC_ENVELOPE_BYTES: usize = 1 << 20;
@@ -139,6 +141,25 @@ pub struct Config {
     /// Threads running the coordinator (0: one per CPU core).
     #[arg(long, env = "SAGAD_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_024))]
     pub worker_threads: u32,
+    /// How a participant's calls are spread over its instances,
+    /// NAME=round-robin|least-outstanding (repeatable; default round-robin).
+    #[arg(long = "participant-balance", env = "SAGAD_PARTICIPANT_BALANCE", value_delimiter = ',', value_parser = parse_balance)]
+    pub participant_balance: Vec<(String, Policy)>,
+    /// Most calls in flight from this coordinator to a participant,
+    /// NAME=N (repeatable; default no cap). Calls beyond it wait.
+    #[arg(long = "participant-in-flight-max", env = "SAGAD_PARTICIPANT_IN_FLIGHT_MAX", value_delimiter = ',', value_parser = parse_in_flight_max)]
+    pub participant_in_flight_max: Vec<(String, usize)>,
+    /// Most calls a second from this coordinator to a participant, NAME=N
+    /// (repeatable; default no limit). Calls beyond it wait.
+    #[arg(long = "participant-rate-per-sec", env = "SAGAD_PARTICIPANT_RATE_PER_SEC", value_delimiter = ',', value_parser = parse_rate_per_sec)]
+    pub participant_rate_per_sec: Vec<(String, f64)>,
+    /// Calls in a row that fail to reach a participant instance before its
+    /// circuit breaker opens.
+    #[arg(long, env = "SAGAD_PARTICIPANT_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub participant_breaker_failures: u32,
+    /// How long an open breaker lets no call through before one probe.
+    #[arg(long, env = "SAGAD_PARTICIPANT_BREAKER_OPEN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub participant_breaker_open_ms: u64,
     /// How long registered participant endpoints are cached.
     #[arg(long, env = "SAGAD_DISCOVERY_CACHE_MS", default_value_t = 1_000)]
     pub discovery_cache_ms: u64,
@@ -272,6 +293,38 @@ fn parse_participant(s: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), url.to_owned()))
 }
 
+/// `NAME=VALUE` for a per-participant setting.
+fn named<T>(
+    s: &str,
+    what: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<(String, T), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME={what}"))?;
+    crate::domain::check_name("participant", name, false).map_err(|e| e.to_string())?;
+    let value = parse(value).ok_or_else(|| format!("{s:?}: expected NAME={what}"))?;
+    Ok((name.to_owned(), value))
+}
+
+fn parse_balance(s: &str) -> Result<(String, Policy), String> {
+    named(s, "round-robin|least-outstanding", Policy::parse)
+}
+
+fn parse_in_flight_max(s: &str) -> Result<(String, usize), String> {
+    named(s, "N (1 to 1,000,000)", |v| {
+        v.parse().ok().filter(|n| (1..=1_000_000).contains(n))
+    })
+}
+
+fn parse_rate_per_sec(s: &str) -> Result<(String, f64), String> {
+    named(s, "N calls a second (0.001 to 1,000,000)", |v| {
+        v.parse()
+            .ok()
+            .filter(|n: &f64| (0.001..=1_000_000.0).contains(n))
+    })
+}
+
 /// How `sagad` runs, beside its flags.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Mode {
@@ -311,6 +364,17 @@ impl Config {
             m.entry(name.clone()).or_default().push(url.clone());
         }
         m
+    }
+
+    /// Balancing and back-pressure towards participants.
+    pub fn balance(&self) -> BalanceConfig {
+        BalanceConfig {
+            policies: self.participant_balance.iter().cloned().collect(),
+            in_flight_max: self.participant_in_flight_max.iter().cloned().collect(),
+            rate_per_sec: self.participant_rate_per_sec.iter().cloned().collect(),
+            breaker_failures: self.participant_breaker_failures,
+            breaker_open: Duration::from_millis(self.participant_breaker_open_ms),
+        }
     }
 
     /// `lease_ttl_ms` as a duration.

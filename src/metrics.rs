@@ -375,6 +375,58 @@ fn render_counts(out: &mut String, c: &StateCounts) {
     let _ = writeln!(out, "# HELP sagad_sagas_stuck Stuck sagas (SUSPENDED, idle past --stuck-after-ms, or at --stuck-attempts), counted up to 10,000.\n# TYPE sagad_sagas_stuck gauge\nsagad_sagas_stuck {}", c.stuck);
 }
 
+/// The participants' balancing state (see `participant::balance`), by
+/// participant and instance.
+pub fn render_pools(out: &mut String, pools: &[crate::participant::PoolSnapshot]) {
+    let families: [(&str, &str, &str); 7] = [
+        ("sagad_participant_in_flight", "gauge", "Calls in flight to the participant from this coordinator."),
+        ("sagad_participant_in_flight_max", "gauge", "The cap on them (--participant-in-flight-max); absent: none."),
+        ("sagad_participant_waits_total", "counter", "Calls that waited for a slot under the cap or a token of the rate limit."),
+        ("sagad_participant_not_sent_total", "counter", "Calls that waited until their arrival limit and were asked again later (no attempt counted)."),
+        ("sagad_participant_rerouted_total", "counter", "Attempts sent to another instance after one was not reached."),
+        ("sagad_participant_instance_in_flight", "gauge", "Calls in flight to one instance from this coordinator."),
+        ("sagad_participant_instance_breaker_open", "gauge", "1 while the instance's circuit breaker is open, 0.5 half-open, 0 closed."),
+    ];
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in pools {
+            let who = format!("participant=\"{}\"", label(&p.participant));
+            let value = match name {
+                "sagad_participant_in_flight" => Some(p.in_flight as f64),
+                "sagad_participant_in_flight_max" => p.in_flight_max.map(|m| m as f64),
+                "sagad_participant_waits_total" => Some(p.waited as f64),
+                "sagad_participant_not_sent_total" => Some(p.not_sent as f64),
+                "sagad_participant_rerouted_total" => Some(p.rerouted as f64),
+                _ => None,
+            };
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name}{{{who}}} {v}");
+            }
+            for i in &p.instances {
+                let v = match (name, i.breaker.as_str()) {
+                    ("sagad_participant_instance_in_flight", _) => i.outstanding as f64,
+                    ("sagad_participant_instance_breaker_open", "open") => 1.0,
+                    ("sagad_participant_instance_breaker_open", "half_open") => 0.5,
+                    ("sagad_participant_instance_breaker_open", _) => 0.0,
+                    _ => continue,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{{who},endpoint=\"{}\"}} {v}",
+                    label(&i.endpoint)
+                );
+            }
+        }
+    }
+}
+
+/// A Prometheus label value: backslashes, quotes and newlines escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -360,14 +360,16 @@ impl Parts {
                 tls: participant_tls(cfg)?,
                 require_tls: cfg.require_participant_tls,
                 token: participant_token(cfg)?,
+                balance: cfg.balance(),
             },
             store.clone(),
         )
         .map_err(Error::Config)?;
+        let participants = Arc::new(participants);
         let abandon = CancellationToken::new();
         let worker = Worker::new(
             store.clone(),
-            Arc::new(participants),
+            participants.clone(),
             OwnerId(Uuid::new_v4()),
             WorkerConfig {
                 lease_ttl: cfg.lease_ttl(),
@@ -390,6 +392,7 @@ impl Parts {
         let admin = AdminState::new(
             ops.clone(),
             db,
+            participants,
             metrics.clone(),
             auth.clone(),
             admin_config(cfg, stuck),

@@ -607,6 +607,7 @@ async fn heartbeats_are_validated() {
             instance_id: "i1".into(),
             endpoint: "http://127.0.0.1:1".into(),
             ttl: Some(ms(5_000)),
+            weight: 0,
         };
         f(&mut r);
         r
@@ -770,6 +771,16 @@ async fn losing_the_database_is_unavailable_on_grpc_and_http() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"], "database unavailable; try again");
     e.db.accept_connections().await;
+    // Calls are refused at once until the database probe (every 500 ms)
+    // finds it back; then they go through.
+    let back = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http(e.coord.admin, "GET", "/readyz", &[], "").await.status != 200 {
+        assert!(
+            std::time::Instant::now() < back,
+            "the coordinator never saw the database back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     e.client
         .get_saga(proto::GetSagaRequest {
             saga_id: first.saga_id,

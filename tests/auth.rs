@@ -224,11 +224,11 @@ async fn every_rpc_against_every_role() {
                 expected(&["operator", "admin"], who, Code::NotFound)),
             ("Heartbeat as bank_a", code(c.heartbeat(proto::HeartbeatRequest {
                 participant: "bank_a".into(), instance_id: format!("i-{who}"),
-                endpoint: "http://127.0.0.1:9".into(), ttl: Some(ms(0)),
+                endpoint: "http://127.0.0.1:9".into(), ttl: Some(ms(0)), weight: 0,
             }).await), expected(&["bank-a", "admin"], who, Code::Ok)),
             ("Heartbeat as payments", code(c.heartbeat(proto::HeartbeatRequest {
                 participant: "payments".into(), instance_id: format!("i-{who}"),
-                endpoint: "http://127.0.0.1:9".into(), ttl: Some(ms(0)),
+                endpoint: "http://127.0.0.1:9".into(), ttl: Some(ms(0)), weight: 0,
             }).await), expected(&["admin"], who, Code::Ok)),
         ];
         for (rpc, (got, message), want) in table {
@@ -422,6 +422,7 @@ async fn a_participant_credential_cannot_pose_as_another_participant() {
         instance_id: instance.into(),
         endpoint: endpoint.into(),
         ttl: Some(ms(ttl_ms)),
+        weight: 0,
     };
     let mut payments = coord.client_with(Some(payments_token)).await;
     payments
@@ -531,6 +532,7 @@ async fn a_client_certificate_subject_maps_to_a_principal() {
         instance_id: "bank-a-1".into(),
         endpoint: "https://127.0.0.1:9".into(),
         ttl: Some(ms(1_000)),
+        weight: 0,
     };
     let mut bank = connect(ca.client("bank-a")).await;
     bank.heartbeat(beat.clone()).await.unwrap();

@@ -444,7 +444,7 @@ async fn chaos() {
     t.sort_unstable();
     let p50 = t.get(t.len() / 2).copied().unwrap_or(0);
     let max = t.last().copied().unwrap_or(0);
-    println!(
+    let summary = format!(
         "chaos: {} sagas ({} completed, {} compensated, {} suspended), kills {}, pauses {}, participant faults {} (failed {}, answers lost {}, hung {}, restarts {}), db restarts {}, takeover p50 {p50} ms max {max} ms ({} sagas), violations {}",
         report.sagas,
         report.completed,
@@ -460,6 +460,13 @@ async fn chaos() {
         done.db_restarts,
         t.len(),
         report.violations.len(),
+    );
+    println!("{summary}");
+    // Kept where `scripts/test` prints it after the run (test output is
+    // captured).
+    let _ = std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.txt"),
+        format!("{summary}\n"),
     );
     for s in &report.suspended {
         println!("  suspended: {s}");

@@ -628,6 +628,7 @@ async fn no_live_instance_is_transient_and_heartbeats_register_endpoints(store: 
             instance_id: "g1".into(),
             endpoint: url,
             ttl: Some(ms(60_000)),
+            weight: 0,
         })
         .await
         .unwrap();
@@ -665,6 +666,13 @@ async fn channels_of_dead_participant_instances_are_dropped() {
         panic!("not PostgreSQL")
     };
     let store: Arc<dyn SagaStore> = Arc::new(PgStore::with_write_lanes(pool, 1));
+    let beat = |instance_id, endpoint, ttl| saga_coordinator::store::Heartbeat {
+        participant: "svc",
+        instance_id,
+        endpoint,
+        weight: 1,
+        ttl,
+    };
     let caller = Participants::new(
         CallerConfig {
             statics: Default::default(),
@@ -677,6 +685,7 @@ async fn channels_of_dead_participant_instances_are_dropped() {
             tls: saga_coordinator::participant::client_tls(None, None),
             require_tls: false,
             token: None,
+            balance: Default::default(),
         },
         store.clone(),
     )
@@ -685,11 +694,11 @@ async fn channels_of_dead_participant_instances_are_dropped() {
     let (url_a, url_b) = (a.clone().serve().await, b.clone().serve().await);
     let ttl = Duration::from_secs(60);
     store
-        .participant_heartbeat("svc", "a", &url_a, ttl, None)
+        .participant_heartbeat(&beat("a", &url_a, ttl), None)
         .await
         .unwrap();
     store
-        .participant_heartbeat("svc", "b", &url_b, ttl, None)
+        .participant_heartbeat(&beat("b", &url_b, ttl), None)
         .await
         .unwrap();
 
@@ -718,12 +727,13 @@ async fn channels_of_dead_participant_instances_are_dropped() {
         deadline: now + chrono::Duration::seconds(5),
         arrive_by: now + chrono::Duration::seconds(5),
         lease_epoch: 1,
+        send_by: std::time::Instant::now() + Duration::from_secs(5),
         traceparent: None,
     };
     for _ in 0..2 {
         assert!(matches!(
             caller.invoke(call()).await,
-            CallResult::Succeeded(_)
+            Some(CallResult::Succeeded(_))
         ));
     }
     assert_eq!((a.calls().len(), b.calls().len()), (1, 1), "round robin");
@@ -731,13 +741,13 @@ async fn channels_of_dead_participant_instances_are_dropped() {
 
     // a withdraws (TTL 0): its channel goes at the next refresh.
     store
-        .participant_heartbeat("svc", "a", &url_a, Duration::ZERO, None)
+        .participant_heartbeat(&beat("a", &url_a, Duration::ZERO), None)
         .await
         .unwrap();
     for _ in 0..2 {
         assert!(matches!(
             caller.invoke(call()).await,
-            CallResult::Succeeded(_)
+            Some(CallResult::Succeeded(_))
         ));
     }
     assert_eq!(caller.channels(), 1);

@@ -109,6 +109,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         instance_id: "svc\0one".into(),
         endpoint: "http://127.0.0.1:9".into(),
         ttl: None,
+        weight: 0,
     };
     check(
         c.heartbeat(beat).await.map(drop),

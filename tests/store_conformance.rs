@@ -17,7 +17,7 @@ use saga_coordinator::domain::{
 use saga_coordinator::store::pg::{PgStore, MIGRATOR};
 use saga_coordinator::store::sqlite::SqliteStore;
 use saga_coordinator::store::{
-    Created, Hold, Lease, NewSaga, OwnerId, SagaQuery, SagaStore, StoreError, StuckRule,
+    Created, Heartbeat, Hold, Lease, NewSaga, OwnerId, SagaQuery, SagaStore, StoreError, StuckRule,
 };
 
 /// A fresh store with definition `d` (two idempotent compensatable steps)
@@ -726,67 +726,86 @@ async fn counts_stuck_and_activity(f: &Fixture) {
     assert_eq!((started, suspended), (2, 1));
 }
 
+fn beat<'a>(
+    participant: &'a str,
+    instance_id: &'a str,
+    endpoint: &'a str,
+    ttl: Duration,
+) -> Heartbeat<'a> {
+    Heartbeat {
+        participant,
+        instance_id,
+        endpoint,
+        weight: 1,
+        ttl,
+    }
+}
+
 async fn heartbeats_expire_and_withdraw(f: &Fixture) {
     let s = &f.store;
     s.participant_heartbeat(
-        "pay",
-        "i1",
-        "http://127.0.0.1:1",
-        Duration::from_secs(60),
+        &beat("pay", "i1", "http://127.0.0.1:1", Duration::from_secs(60)),
         Some("pay"),
     )
     .await
     .unwrap();
     s.participant_heartbeat(
-        "pay",
-        "i2",
-        "http://127.0.0.1:2",
-        Duration::from_millis(200),
+        &beat(
+            "pay",
+            "i2",
+            "http://127.0.0.1:2",
+            Duration::from_millis(200),
+        ),
         None,
     )
     .await
     .unwrap();
     s.participant_heartbeat(
-        "other",
-        "i1",
-        "http://127.0.0.1:3",
-        Duration::from_secs(60),
+        &beat("other", "i1", "http://127.0.0.1:3", Duration::from_secs(60)),
         None,
     )
     .await
     .unwrap();
     assert_eq!(
         s.participant_endpoints("pay").await.unwrap(),
-        vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        vec![
+            ("http://127.0.0.1:1".into(), 1),
+            ("http://127.0.0.1:2".into(), 1)
+        ]
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(
         s.participant_endpoints("pay").await.unwrap(),
-        vec!["http://127.0.0.1:1"]
+        vec![("http://127.0.0.1:1".to_owned(), 1)]
     );
     // A zero ttl withdraws; a new endpoint for the same instance replaces it.
     s.participant_heartbeat(
-        "pay",
-        "i1",
-        "http://127.0.0.1:1",
-        Duration::ZERO,
+        &beat("pay", "i1", "http://127.0.0.1:1", Duration::ZERO),
         Some("pay"),
     )
     .await
     .unwrap();
     assert!(s.participant_endpoints("pay").await.unwrap().is_empty());
     s.participant_heartbeat(
-        "pay",
-        "i1",
-        "http://127.0.0.1:9",
-        Duration::from_secs(60),
+        &beat("pay", "i1", "http://127.0.0.1:9", Duration::from_secs(60)),
         None,
     )
     .await
     .unwrap();
     assert_eq!(
         s.participant_endpoints("pay").await.unwrap(),
-        vec!["http://127.0.0.1:9"]
+        vec![("http://127.0.0.1:9".to_owned(), 1)]
+    );
+    // A weight announced is kept (the largest where instances share an
+    // endpoint).
+    let heavy = Heartbeat {
+        weight: 5,
+        ..beat("pay", "i3", "http://127.0.0.1:9", Duration::from_secs(60))
+    };
+    s.participant_heartbeat(&heavy, None).await.unwrap();
+    assert_eq!(
+        s.participant_endpoints("pay").await.unwrap(),
+        vec![("http://127.0.0.1:9".to_owned(), 5)]
     );
     assert!(s.participant_endpoints("nobody").await.unwrap().is_empty());
 }

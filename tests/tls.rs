@@ -251,6 +251,7 @@ async fn require_participant_tls_refuses_plaintext_endpoints() {
         instance_id: "p-1".into(),
         endpoint: endpoint.into(),
         ttl: Some(ms(10_000)),
+        weight: 0,
     };
     let err = client
         .heartbeat(beat("http://127.0.0.1:7001"))

@@ -93,7 +93,7 @@ rect.compensating {{ fill: #9a6700; }}
 rect.step_failed, rect.step_unknown, rect.suspended {{ fill: #b3261e; }}
 .legend {{ display: flex; gap: 1rem; }} .legend i {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px; }}
 </style></head>
-<body><header><b>sagad</b><a href=/>Sagas</a><a href=/definitions>Definitions</a><span class=grow></span>{session}</header>
+<body><header><b>sagad</b><a href=/>Sagas</a><a href=/definitions>Definitions</a><a href=/participants>Participants</a><span class=grow></span>{session}</header>
 <main>{body}</main></body></html>"#,
         title = esc(title)
     )

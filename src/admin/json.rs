@@ -254,6 +254,35 @@ pub(super) async fn definitions(State(st): State<Arc<AdminState>>) -> JsonResult
     ))
 }
 
+/// GET /api/participants: the balancing state of /participants.
+pub(super) async fn participants(State(st): State<Arc<AdminState>>) -> JsonResult {
+    let pools: Vec<serde_json::Value> = st
+        .participants
+        .pools()
+        .iter()
+        .map(|p| {
+            json!({
+                "participant": p.participant,
+                "policy": p.policy.as_str(),
+                "in_flight": p.in_flight,
+                "in_flight_max": p.in_flight_max,
+                "rate_per_sec": p.rate_per_sec,
+                "waited": p.waited,
+                "not_sent": p.not_sent,
+                "rerouted": p.rerouted,
+                "instances": p.instances.iter().map(|i| json!({
+                    "endpoint": i.endpoint,
+                    "weight": i.weight,
+                    "in_flight": i.outstanding,
+                    "calls": i.calls,
+                    "breaker": i.breaker.as_str(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "participants": pools })))
+}
+
 #[derive(Deserialize)]
 pub(super) struct ActBody {
     #[serde(default)]

@@ -48,6 +48,7 @@ use crate::auth::{AuthError, Authenticator, Need, Principal};
 use crate::limits::KeyedBuckets;
 use crate::metrics::Metrics;
 use crate::ops::{Ops, OpsError};
+use crate::participant::Participants;
 use crate::store::StuckRule;
 
 /// Name of the session cookie.
@@ -99,6 +100,8 @@ pub(super) struct Caller {
 pub struct AdminState {
     ops: Ops,
     db: Database,
+    /// The participant caller, for its balancing state.
+    participants: Arc<Participants>,
     metrics: Arc<Metrics>,
     auth: Arc<Authenticator>,
     cfg: AdminConfig,
@@ -116,6 +119,7 @@ impl AdminState {
     pub fn new(
         ops: Ops,
         db: Database,
+        participants: Arc<Participants>,
         metrics: Arc<Metrics>,
         auth: Arc<Authenticator>,
         cfg: AdminConfig,
@@ -123,6 +127,7 @@ impl AdminState {
         Arc::new(AdminState {
             ops,
             db,
+            participants,
             metrics,
             auth,
             failures: KeyedBuckets::new(
@@ -287,6 +292,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/sagas/{id}", get(pages::saga))
         .route("/sagas/{id}/action", post(pages::act))
         .route("/definitions", get(pages::definitions))
+        .route("/participants", get(pages::participants))
+        .route("/api/participants", get(json::participants))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/api/stats", get(json::stats))
@@ -470,10 +477,9 @@ async fn metrics(
         }),
         _ => None,
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(counts.as_ref()),
-    )
+    let mut text = st.metrics.render(counts.as_ref());
+    crate::metrics::render_pools(&mut text, &st.participants.pools());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn readyz(

@@ -506,6 +506,60 @@ pub(super) async fn definitions(State(st): State<Arc<AdminState>>, headers: Head
     Html(page("Definitions", logged_in(&st, &headers), &body)).into_response()
 }
 
+/// GET /participants: how calls are spread over each participant's
+/// instances, their breakers, and the back-pressure limits (as this
+/// coordinator sees them: each coordinator balances its own calls).
+pub(super) async fn participants(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+) -> Response {
+    let mut body = String::from(
+        "<h1>Participants</h1><p class=muted>As this coordinator calls them (every coordinator \
+         balances, breaks and limits its own calls).</p>",
+    );
+    let pools = st.participants.pools();
+    if pools.is_empty() {
+        body.push_str("<p class=muted>No participant called yet.</p>");
+    }
+    for p in &pools {
+        let _ = write!(
+            body,
+            "<h2 id='{n}'>{n}</h2><p>{policy}; in flight {inf}{cap}; {rate}; waited for capacity {w}, \
+             not sent in time {ns}, sent to another instance {rr}</p>\
+             <table class=instances><tr><th>Instance</th><th>Weight</th><th>In flight</th><th>Calls</th><th>Breaker</th></tr>",
+            n = esc(&p.participant),
+            policy = p.policy.as_str(),
+            inf = p.in_flight,
+            cap = p.in_flight_max.map(|m| format!(" of at most {m}")).unwrap_or_default(),
+            rate = p
+                .rate_per_sec
+                .map(|r| format!("at most {r} calls a second"))
+                .unwrap_or_else(|| "no rate limit".into()),
+            w = p.waited,
+            ns = p.not_sent,
+            rr = p.rerouted,
+        );
+        for i in &p.instances {
+            let class = match i.breaker.as_str() {
+                "closed" => "good",
+                "open" => "bad",
+                _ => "warn",
+            };
+            let _ = write!(
+                body,
+                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td class={class}>{}</td></tr>",
+                esc(&i.endpoint),
+                i.weight,
+                i.outstanding,
+                i.calls,
+                i.breaker.as_str()
+            );
+        }
+        body.push_str("</table>");
+    }
+    Html(page("Participants", logged_in(&st, &headers), &body)).into_response()
+}
+
 fn definition_section(d: &Definition, at: &Registered) -> String {
     let mut out = format!(
         "<h2 id={n}>{n}@{v}</h2><p class=muted>registered {at}{by}; deadline {dl}</p><table><tr><th>Step</th><th>Kind</th>\

@@ -38,7 +38,7 @@ use crate::ops::{self, OperatorKind, Ops, OpsError};
 use crate::participant::{check_endpoint, check_tls};
 use crate::proto;
 use crate::proto::coordinator_service_server::CoordinatorService;
-use crate::store::{Created, NewSaga, SagaQuery, SagaRecord, SagaStore, StuckRule};
+use crate::store::{Created, Heartbeat, NewSaga, SagaQuery, SagaRecord, SagaStore, StuckRule};
 use crate::worker::Worker;
 
 /// API settings.
@@ -394,14 +394,19 @@ impl CoordinatorApi {
             )
             .into());
         }
+        if r.weight > WEIGHT_MAX {
+            let why = format!("{} is over {WEIGHT_MAX}", r.weight);
+            return Err(ValidationError::new("weight", why).into());
+        }
+        let beat = Heartbeat {
+            participant: &r.participant,
+            instance_id: &r.instance_id,
+            endpoint: &r.endpoint,
+            weight: r.weight.max(1),
+            ttl,
+        };
         self.store
-            .participant_heartbeat(
-                &r.participant,
-                &r.instance_id,
-                &r.endpoint,
-                ttl,
-                who.audit_name(),
-            )
+            .participant_heartbeat(&beat, who.audit_name())
             .await?;
         if ttl.is_zero() {
             tracing::info!(participant = %r.participant, instance = %r.instance_id,
@@ -410,6 +415,9 @@ impl CoordinatorApi {
         Ok(())
     }
 }
+
+/// The largest weight an instance may announce.
+const WEIGHT_MAX: u32 = 1_000;
 
 /// Waits for a notification about `id` (or a resync, or a lagged receiver).
 async fn next_change(rx: &mut broadcast::Receiver<Uuid>, id: Uuid) {

@@ -3,22 +3,28 @@
 //!
 //! A participant is reached by logical name. Its endpoints are the static ones
 //! (`--participant NAME=URL`) plus the live instances registered by
-//! heartbeat, cached for a short while. Calls are spread round robin; an
-//! endpoint that just answered `UNAVAILABLE` is skipped on the next try while
-//! another is available. One channel is kept per endpoint; when a refresh
+//! heartbeat, cached for a short while. How calls are spread over them, and
+//! held back when a participant has enough, is [`balance`]'s: round robin or
+//! least outstanding per participant, a circuit breaker per instance, an
+//! in-flight cap and a rate limit per participant; an attempt that does not
+//! reach an instance at all goes to another. One channel is kept per endpoint; when a refresh
 //! of the registry no longer lists an instance (its heartbeat lapsed, or it
 //! withdrew), its channel is dropped, so instances coming and going do not
 //! pile up connections. Classification follows DESIGN.md's outcome table to
 //! the letter (see [`classify_status`]).
 
+pub mod balance;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
+
+use balance::Balancer;
+pub use balance::{BalanceConfig, Policy, PoolSnapshot};
 
 use crate::domain::{CallResult, Definition, Phase, Saga, StepState};
 use crate::proto;
@@ -28,8 +34,6 @@ use crate::store::SagaStore;
 
 /// Longest error text kept from a participant (bytes).
 pub const ERROR_BYTES_MAX: usize = 2_048;
-/// How long an endpoint that answered `UNAVAILABLE` is passed over.
-const UNAVAILABLE_SKIP: Duration = Duration::from_secs(2);
 
 /// Settings of the participant caller.
 #[derive(Debug, Clone)]
@@ -51,10 +55,12 @@ pub struct CallerConfig {
     /// participants can tell it is sagad calling (marked sensitive: never
     /// printed).
     pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// Balancing, breakers and back-pressure.
+    pub balance: BalanceConfig,
 }
 
 /// Registered endpoints by participant, with when they were read.
-type Discovered = HashMap<String, (Instant, Arc<Vec<String>>)>;
+type Discovered = HashMap<String, (Instant, Arc<Vec<(String, u32)>>)>;
 
 /// Calls participants.
 pub struct Participants {
@@ -62,8 +68,7 @@ pub struct Participants {
     store: Arc<dyn SagaStore>,
     clients: Mutex<HashMap<String, ParticipantServiceClient<Channel>>>,
     discovered: Mutex<Discovered>,
-    unavailable: Mutex<HashMap<String, Instant>>,
-    next: AtomicUsize,
+    balancer: Balancer,
 }
 
 /// What to send to a participant.
@@ -87,6 +92,9 @@ pub struct Invocation<'a> {
     pub arrive_by: DateTime<Utc>,
     /// The epoch of the lease the call is made under.
     pub lease_epoch: i64,
+    /// `arrive_by` on this process's clock, less a moment for the trip: a
+    /// call that waited for capacity until then is not sent.
+    pub send_by: Instant,
     /// The call's own `traceparent` when its span is recorded; else the
     /// saga's context (if any) is passed on as it is.
     pub traceparent: Option<String>,
@@ -97,14 +105,16 @@ pub struct Invocation<'a> {
 /// runs with.
 #[async_trait::async_trait]
 pub trait StepCaller: Send + Sync + 'static {
-    /// Invokes one handler and classifies the result. Never fails: every
-    /// failure is a [`CallResult`].
-    async fn invoke(&self, inv: Invocation<'_>) -> CallResult;
+    /// Invokes one handler and classifies the result: every failure is a
+    /// [`CallResult`]. `None`: not sent — the participant had no capacity
+    /// (in-flight cap, rate limit) before the call's `send_by`; nothing
+    /// reached it, and no attempt counts.
+    async fn invoke(&self, inv: Invocation<'_>) -> Option<CallResult>;
 }
 
 #[async_trait::async_trait]
 impl StepCaller for Participants {
-    async fn invoke(&self, inv: Invocation<'_>) -> CallResult {
+    async fn invoke(&self, inv: Invocation<'_>) -> Option<CallResult> {
         Participants::invoke(self, inv).await
     }
 }
@@ -120,115 +130,149 @@ impl Participants {
             }
         }
         Ok(Participants {
-            cfg,
             store,
             clients: Mutex::new(HashMap::new()),
             discovered: Mutex::new(HashMap::new()),
-            unavailable: Mutex::new(HashMap::new()),
-            next: AtomicUsize::new(0),
+            balancer: Balancer::new(cfg.balance.clone()),
+            cfg,
         })
     }
 
-    /// Invokes one handler and classifies the result. Never fails: every
-    /// failure is a [`CallResult`].
-    pub async fn invoke(&self, inv: Invocation<'_>) -> CallResult {
+    /// Invokes one handler and classifies the result (see
+    /// [`StepCaller::invoke`]): waits for the participant's capacity, picks
+    /// an instance (see `balance`), and sends the same attempt to another
+    /// instance when one is not reached at all.
+    pub async fn invoke(&self, inv: Invocation<'_>) -> Option<CallResult> {
         let Some(sd) = inv.def.steps.get(inv.step) else {
-            return CallResult::Misconfigured(format!("definition has no step {}", inv.step));
+            return Some(CallResult::Misconfigured(format!(
+                "definition has no step {}",
+                inv.step
+            )));
         };
         let handler = match inv.phase {
             Phase::Action => sd.action.clone(),
             Phase::Compensation => match &sd.compensation {
                 Some(c) => c.clone(),
                 None => {
-                    return CallResult::Misconfigured(format!(
-                        "step {:?} has no compensation",
-                        sd.name
-                    ))
+                    let why = format!("step {:?} has no compensation", sd.name);
+                    return Some(CallResult::Misconfigured(why));
                 }
             },
         };
-        let endpoint = match self.pick(&sd.participant).await {
+        let endpoints = match self.endpoints(&sd.participant).await {
             Ok(e) => e,
-            Err(result) => return result,
+            Err(result) => return Some(result),
         };
-        let mut client = match self.client(&endpoint) {
+        let pool = self.balancer.pool(&sd.participant);
+        let _admitted = pool.admit(inv.send_by).await?;
+        let request = build_request(&inv, handler);
+        let started = Instant::now();
+        let mut tried: Vec<String> = Vec::new();
+        let instances = endpoints.len();
+        loop {
+            let Some(instance) = pool.pick(&endpoints, &tried) else {
+                return Some(CallResult::Transient(format!(
+                    "UNAVAILABLE: no instance of participant {:?} can be reached (circuit breakers open)",
+                    sd.participant
+                )));
+            };
+            let left = inv.timeout.saturating_sub(started.elapsed());
+            let _outstanding = instance.begin();
+            match self
+                .call(&instance.endpoint, &inv, request.clone(), left)
+                .await
+            {
+                Sent::Reached(result) => {
+                    pool.reached(&instance);
+                    return Some(result);
+                }
+                Sent::Unreached(result) => {
+                    pool.unreached(&instance);
+                    tried.push(instance.endpoint.clone());
+                    let more = tried.len() < instances && Instant::now() < inv.send_by;
+                    if !more {
+                        return Some(result);
+                    }
+                    pool.rerouted();
+                }
+            }
+        }
+    }
+
+    /// One call to one endpoint, within `timeout`.
+    async fn call(
+        &self,
+        endpoint: &str,
+        inv: &Invocation<'_>,
+        request: proto::InvokeRequest,
+        timeout: Duration,
+    ) -> Sent {
+        let participant = &inv.def.steps[inv.step].participant;
+        let mut client = match self.client(endpoint) {
             Ok(c) => c,
             Err(e) => {
-                return CallResult::Misconfigured(format!(
-                    "participant {:?} endpoint {endpoint:?}: {e}",
-                    sd.participant
-                ))
+                return Sent::Reached(CallResult::Misconfigured(format!(
+                    "participant {participant:?} endpoint {endpoint:?}: {e}"
+                )))
             }
         };
-        let mut request = tonic::Request::new(build_request(&inv, handler));
-        request.set_timeout(inv.timeout);
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
         if let Some(token) = &self.cfg.token {
             request
                 .metadata_mut()
                 .insert("authorization", token.clone());
         }
-        propagate_trace(&inv, request.metadata_mut());
+        propagate_trace(inv, request.metadata_mut());
         let started = Instant::now();
-        let answer = tokio::time::timeout(inv.timeout, client.invoke(request)).await;
+        let answer = tokio::time::timeout(timeout, client.invoke(request)).await;
         // tonic's own deadline (grpc-timeout: CANCELLED) races with ours:
         // either way, the attempt ran out of time.
-        let out_of_time = started.elapsed() >= inv.timeout;
-        let answer = match answer {
-            Err(_) => None,
-            Ok(Err(_)) if out_of_time => None,
-            Ok(r) => Some(r),
-        };
+        let out_of_time = started.elapsed() >= timeout;
         match answer {
-            None => CallResult::Transient(format!(
+            Err(_) | Ok(Err(_)) if out_of_time => Sent::Reached(CallResult::Transient(format!(
                 "DEADLINE_EXCEEDED: no answer within {:?}",
                 inv.timeout
-            )),
-            Some(Err(status)) => {
-                if status.code() == Code::Unavailable {
-                    lock(&self.unavailable).insert(endpoint, Instant::now());
-                }
-                classify_status(&status)
+            ))),
+            Ok(Err(status)) if unreached(&status) => Sent::Unreached(classify_status(&status)),
+            Ok(Err(status)) => Sent::Reached(classify_status(&status)),
+            Ok(Ok(response)) => {
+                Sent::Reached(classify_response(response.into_inner(), &self.cfg.json))
             }
-            Some(Ok(response)) => classify_response(response.into_inner(), &self.cfg.json),
+            Err(_) => Sent::Reached(CallResult::Transient("DEADLINE_EXCEEDED".into())),
         }
     }
 
-    /// Chooses an endpoint: round robin over the live ones, passing over
-    /// those that just answered `UNAVAILABLE` while others remain.
-    async fn pick(&self, participant: &str) -> Result<String, CallResult> {
-        let mut all: Vec<String> = self
+    /// The endpoints of `participant` with their weights: static ones
+    /// (weight 1), then registered ones.
+    async fn endpoints(&self, participant: &str) -> Result<Vec<(String, u32)>, CallResult> {
+        let mut all: Vec<(String, u32)> = self
             .cfg
             .statics
             .get(participant)
-            .cloned()
+            .map(|urls| urls.iter().map(|u| (u.clone(), 1)).collect())
             .unwrap_or_default();
         let discovered = self.discovered(participant).await?;
-        all.extend(
-            discovered
-                .iter()
-                .filter(|e| !all.contains(e))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        for (url, weight) in discovered.iter() {
+            if !all.iter().any(|(u, _)| u == url) {
+                all.push((url.clone(), *weight));
+            }
+        }
         if all.is_empty() {
             return Err(CallResult::Transient(format!(
                 "UNAVAILABLE: no live instance of participant {participant:?}"
             )));
         }
-        let healthy: Vec<&String> = {
-            let mut down = lock(&self.unavailable);
-            down.retain(|_, at| at.elapsed() < UNAVAILABLE_SKIP);
-            all.iter().filter(|e| !down.contains_key(*e)).collect()
-        };
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(if healthy.is_empty() {
-            all[n % all.len()].clone()
-        } else {
-            healthy[n % healthy.len()].clone()
-        })
+        Ok(all)
     }
 
-    async fn discovered(&self, participant: &str) -> Result<Arc<Vec<String>>, CallResult> {
+    /// Every participant's balancing state, for `/metrics` and the admin
+    /// page.
+    pub fn pools(&self) -> Vec<PoolSnapshot> {
+        self.balancer.pools().iter().map(|p| p.snapshot()).collect()
+    }
+
+    async fn discovered(&self, participant: &str) -> Result<Arc<Vec<(String, u32)>>, CallResult> {
         if let Some((at, eps)) = lock(&self.discovered).get(participant) {
             if at.elapsed() < self.cfg.discovery_cache {
                 return Ok(eps.clone());
@@ -246,7 +290,12 @@ impl Participants {
         let before =
             lock(&self.discovered).insert(participant.to_owned(), (Instant::now(), eps.clone()));
         if let Some((_, before)) = before {
-            let gone: Vec<&String> = before.iter().filter(|e| !eps.contains(e)).collect();
+            let listed = |url: &String| eps.iter().any(|(u, _)| u == url);
+            let gone: Vec<&String> = before
+                .iter()
+                .map(|(u, _)| u)
+                .filter(|u| !listed(u))
+                .collect();
             if !gone.is_empty() {
                 self.forget(&gone);
             }
@@ -261,17 +310,12 @@ impl Participants {
             self.cfg.statics.values().any(|urls| urls.contains(e))
                 || lock(&self.discovered)
                     .values()
-                    .any(|(_, eps)| eps.contains(e))
+                    .any(|(_, eps)| eps.iter().any(|(u, _)| u == e))
         };
         let dead: Vec<&String> = gone.iter().copied().filter(|e| !still_listed(e)).collect();
         let mut clients = lock(&self.clients);
         for e in &dead {
             clients.remove(*e);
-        }
-        drop(clients);
-        let mut down = lock(&self.unavailable);
-        for e in &dead {
-            down.remove(*e);
         }
     }
 
@@ -301,6 +345,23 @@ impl Participants {
         clients.insert(endpoint.to_owned(), client.clone());
         Ok(client)
     }
+}
+
+/// How one call to one endpoint went.
+enum Sent {
+    /// The service was reached (whatever it answered), or the call ran out
+    /// of time.
+    Reached(CallResult),
+    /// The call never reached the service: another instance may take the
+    /// same attempt.
+    Unreached(CallResult),
+}
+
+/// `UNAVAILABLE` with no response from the server: the connection failed
+/// before the request reached the service (a server's own status comes with
+/// response headers).
+fn unreached(status: &Status) -> bool {
+    status.code() == Code::Unavailable && status.metadata().get("content-type").is_none()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -76,6 +76,21 @@ pub struct SagaRecord {
     pub leased: bool,
 }
 
+/// One participant instance announcing itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat<'a> {
+    /// The participant's name.
+    pub participant: &'a str,
+    /// The instance (unique per process).
+    pub instance_id: &'a str,
+    /// Where it is served.
+    pub endpoint: &'a str,
+    /// Its relative share of calls (1 and up).
+    pub weight: u32,
+    /// How long it counts as live (zero: withdrawn now).
+    pub ttl: Duration,
+}
+
 /// What one renewal round renewed.
 #[derive(Debug, Clone, Default)]
 pub struct Renewed {
@@ -364,12 +379,13 @@ pub trait SagaStore: Send + Sync + 'static {
     /// withdraws it); `by` is the principal that said so.
     async fn participant_heartbeat(
         &self,
-        participant: &str,
-        instance_id: &str,
-        endpoint: &str,
-        ttl: Duration,
+        beat: &Heartbeat<'_>,
         by: Option<&str>,
     ) -> Result<(), StoreError>;
-    /// Endpoints of the live instances of a participant.
-    async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError>;
+    /// Endpoints of the live instances of a participant, with their
+    /// weights (the largest, where instances share an endpoint), by URL.
+    async fn participant_endpoints(
+        &self,
+        participant: &str,
+    ) -> Result<Vec<(String, u32)>, StoreError>;
 }

@@ -131,6 +131,10 @@ pub enum Input {
         /// How long the call took.
         took: Duration,
     },
+    /// The call was not sent: the participant had no capacity before its
+    /// arrival limit. Nothing reached it; the same attempt is asked again
+    /// under a lease covering a new arrival limit.
+    NotSent,
     /// A write or an extension found the epoch moved on.
     LeaseLost,
     /// A write or an extension failed otherwise; it may or may not have
@@ -289,6 +293,7 @@ impl Driver {
                 self.renewed(until);
                 self.call(call)
             }
+            (Waiting::Call(call), Input::NotSent) => self.not_sent(call, now),
             (Waiting::Call(call), Input::Answered { result, took }) => {
                 let fact = Fact::Invoked {
                     step: call.step,
@@ -405,6 +410,43 @@ impl Driver {
         self.lease.until - to_chrono(arrival_margin(self.lease_ttl))
     }
 
+    /// A call not sent for want of capacity is asked again (also while
+    /// stopping: its attempt may be written as started, and giving the saga
+    /// back now would leave its outcome unknown), unless the saga's deadline
+    /// passed meanwhile (its waiting action counts as reached: what may
+    /// have run is compensated).
+    fn not_sent(&mut self, mut call: Call, now: Now) -> Action {
+        let before_pivot = self.def.pivot().is_none_or(|p| call.step <= p);
+        let deadline_passed = self.saga.deadline_at.is_some_and(|d| now.at >= d);
+        if call.phase == Phase::Action && before_pivot && deadline_passed {
+            return self.apply(Fact::DeadlinePassed, now);
+        }
+        call.timeout = self.call_timeout(call.step, call.phase, now.at);
+        if self.checkpoint_due(now) {
+            // The wait may have outlasted the checkpoint bound: write what
+            // memory holds first.
+            let decision = Decision {
+                saga: self.saga.clone(),
+                events: std::mem::take(&mut self.unwritten.events),
+                changed_steps: Vec::new(),
+            };
+            self.waiting = Waiting::PreWrite(call);
+            return Action::Save {
+                decision,
+                settled: false,
+                hold: Hold::Keep(self.lease_ttl),
+            };
+        }
+        self.cover(call, now)
+    }
+
+    /// The oldest unwritten decision is at the checkpoint bound.
+    fn checkpoint_due(&self, now: Now) -> bool {
+        self.unwritten
+            .since
+            .is_some_and(|t| now.at - t >= to_chrono(CHECKPOINT_EVERY))
+    }
+
     /// The lease was renewed in the background to `until` (store clock);
     /// an older renewal than what the driver knows changes nothing.
     pub fn renewed(&mut self, until: DateTime<Utc>) {
@@ -435,10 +477,7 @@ impl Driver {
             Err(error) => return self.refused(&error, now),
         };
         let next = plan(&decision.saga, &self.def, now.at);
-        let checkpoint_due = self
-            .unwritten
-            .since
-            .is_some_and(|t| now.at - t >= to_chrono(CHECKPOINT_EVERY));
+        let checkpoint_due = self.checkpoint_due(now);
         if keepable
             && !now.stopping
             && !checkpoint_due

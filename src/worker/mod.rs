@@ -58,6 +58,10 @@ use crate::store::{Hold, Lease, OwnerId, SagaStore, StoreError};
 use crate::telemetry::{CallSpan, Telemetry};
 use driver::{Action, Done, Driver, Input, Now};
 
+/// How long before its arrival limit a call that waited for capacity must
+/// be sent, for the trip to the participant.
+const SEND_TRIP: Duration = Duration::from_millis(100);
+
 /// Waits up to this long get a local timer; longer ones rely on the poll.
 const LOCAL_WAKE_MAX: Duration = Duration::from_secs(60);
 
@@ -488,6 +492,8 @@ impl Worker {
             .spans()
             .zip(c.saga.trace.as_ref())
             .and_then(|(t, trace)| t.attempt_start(trace));
+        let left = (arrive_by - self.clock.now()).to_std().unwrap_or_default();
+        let send_by = std::time::Instant::now() + left.saturating_sub(SEND_TRIP);
         let inv = Invocation {
             saga: c.saga,
             def: c.def,
@@ -498,6 +504,7 @@ impl Worker {
             deadline,
             arrive_by,
             lease_epoch,
+            send_by,
             traceparent: span.map(|s| s.own.to_string()),
         };
         let started = std::time::Instant::now();
@@ -510,6 +517,13 @@ impl Worker {
             }
         };
         drop(in_flight);
+        let Some(result) = result else {
+            tracing::debug!(
+                step = c.step,
+                "not sent: the participant had no capacity in time"
+            );
+            return Some(Input::NotSent);
+        };
         let took = started.elapsed();
         let (step, phase, attempt) = (c.step, c.phase, c.attempt);
         tracing::debug!(step, %phase, attempt, ?result, "participant answered");

@@ -320,6 +320,7 @@ pub(crate) struct Seen {
     operator_actions: u64,
     renewals: u64,
     calls_outliving_a_lease: u64,
+    not_sent: u64,
 }
 
 impl Seen {
@@ -333,6 +334,7 @@ impl Seen {
         self.operator_actions += o.operator_actions;
         self.renewals += o.renewals;
         self.calls_outliving_a_lease += o.calls_outliving_a_lease;
+        self.not_sent += o.not_sent;
     }
 }
 
@@ -596,6 +598,14 @@ impl Sim {
             let took = (self.t - call.started).to_std().unwrap_or_default();
             self.stats.calls_outliving_a_lease += u64::from(took > TTL);
             return Ok(Some(Input::Answered { result, took }));
+        }
+        // The participant had no capacity before the arrival limit: the
+        // call is not sent (time passes while it waits).
+        if self.rng.below(20) == 0 {
+            self.stats.not_sent += 1;
+            let waited = (arrive_by - self.t).num_milliseconds().max(0) as u64;
+            self.t += chrono::Duration::milliseconds(self.rng.below(waited + 1) as i64);
+            return Ok(Some(Input::NotSent));
         }
         let current = self.mem.holds(i, &lease, owner);
         self.stats.stale_calls += u64::from(!current);
@@ -906,6 +916,7 @@ fn simulation_of_the_real_driver_keeps_the_invariants() {
             ("operator actions", seen.operator_actions),
             ("background renewals", seen.renewals),
             ("calls outliving a lease", seen.calls_outliving_a_lease),
+            ("calls not sent for want of capacity", seen.not_sent),
         ] {
             assert!(n > 0, "no {what} in {seen:?}");
         }

@@ -426,12 +426,17 @@ impl Scripted {
     pub async fn serve(self) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        self.serve_on(listener);
+        format!("http://{addr}")
+    }
+
+    /// Serves on `listener` (an address chosen by the test).
+    pub fn serve_on(self, listener: tokio::net::TcpListener) {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ParticipantServiceServer::new(self))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        format!("http://{addr}")
     }
 }
 

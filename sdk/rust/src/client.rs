@@ -671,11 +671,26 @@ impl Client {
         endpoint: &str,
         ttl: Duration,
     ) -> Result<(), ClientError> {
+        self.heartbeat_weighted(participant, instance_id, endpoint, ttl, 1)
+            .await
+    }
+
+    /// [`Client::heartbeat`] with the instance's relative share of calls
+    /// among the participant's instances (1 to 1000).
+    pub async fn heartbeat_weighted(
+        &self,
+        participant: &str,
+        instance_id: &str,
+        endpoint: &str,
+        ttl: Duration,
+        weight: u32,
+    ) -> Result<(), ClientError> {
         let req = proto::HeartbeatRequest {
             participant: participant.into(),
             instance_id: instance_id.into(),
             endpoint: endpoint.into(),
             ttl: Some(duration(ttl)),
+            weight,
         };
         self.inner
             .clone()

@@ -358,11 +358,12 @@ impl Participant {
         let mut accepted = 0;
         for c in &clients {
             match c
-                .heartbeat(
+                .heartbeat_weighted(
                     &beat.participant,
                     &beat.instance_id,
                     &beat.endpoint,
                     options.ttl,
+                    options.weight,
                 )
                 .await
             {
@@ -386,11 +387,12 @@ impl Participant {
                 }
                 for c in &task_clients {
                     if let Err(error) = c
-                        .heartbeat(
+                        .heartbeat_weighted(
                             &beat.participant,
                             &beat.instance_id,
                             &beat.endpoint,
                             options.ttl,
+                            options.weight,
                         )
                         .await
                     {
@@ -537,6 +539,9 @@ pub struct RegisterOptions {
     pub every: Duration,
     /// How long the coordinator keeps the instance alive after one.
     pub ttl: Duration,
+    /// This instance's relative share of calls among the participant's
+    /// instances (1 to 1000; coordinators spread calls by it).
+    pub weight: u32,
 }
 
 impl Default for RegisterOptions {
@@ -544,6 +549,7 @@ impl Default for RegisterOptions {
         RegisterOptions {
             every: Duration::from_secs(3),
             ttl: Duration::from_secs(10),
+            weight: 1,
         }
     }
 }

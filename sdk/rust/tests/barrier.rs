@@ -35,6 +35,8 @@ fn ctx(saga: uuid::Uuid, step: &str, phase: Phase) -> StepContext {
         outputs_json: HashMap::new(),
         action_output_json: None,
         deadline: None,
+        arrive_by: None,
+        lease_epoch: 1,
     }
 }
 

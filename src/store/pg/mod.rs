@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
-    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, Renewed,
-    SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
+    ActivityMinute, Claimed, Created, Heartbeat, Hold, Lease, NewSaga, OwnerId, Registered,
+    Renewed, SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent,
+    StuckRule,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, SagaId};
 pub use lanes::{connect_options as lane_connect_options, CREATE_SQL, SAVE_SQL};
@@ -814,10 +815,7 @@ impl SagaStore for PgStore {
 
     async fn participant_heartbeat(
         &self,
-        participant: &str,
-        instance_id: &str,
-        endpoint: &str,
-        ttl: Duration,
+        beat: &Heartbeat<'_>,
         by: Option<&str>,
     ) -> Result<(), StoreError> {
         // Instances dead for an hour are pruned as their peers announce
@@ -830,34 +828,46 @@ impl SagaStore for PgStore {
                 WHERE participant = $1 AND expires_at < now() - interval '1 hour'
              )
              INSERT INTO participant_instances
-                 (participant, instance_id, endpoint, expires_at, registered_by, withdrawn_by)
+                 (participant, instance_id, endpoint, expires_at, registered_by, withdrawn_by,
+                  weight)
              VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond',
-                     CASE WHEN $4 > 0 THEN $5 END, CASE WHEN $4 = 0 THEN $5 END)
+                     CASE WHEN $4 > 0 THEN $5 END, CASE WHEN $4 = 0 THEN $5 END, $6)
              ON CONFLICT (participant, instance_id) DO UPDATE
              SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at, updated_at = now(),
+                 weight = EXCLUDED.weight,
                  registered_by = COALESCE(EXCLUDED.registered_by, participant_instances.registered_by),
                  withdrawn_by = EXCLUDED.withdrawn_by",
         )
-        .bind(participant)
-        .bind(instance_id)
-        .bind(endpoint)
-        .bind(millis(ttl))
+        .bind(beat.participant)
+        .bind(beat.instance_id)
+        .bind(beat.endpoint)
+        .bind(millis(beat.ttl))
         .bind(by)
+        .bind(i32::try_from(beat.weight).unwrap_or(i32::MAX))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError> {
+    async fn participant_endpoints(
+        &self,
+        participant: &str,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT DISTINCT endpoint FROM participant_instances
-             WHERE participant = $1 AND expires_at > now() ORDER BY endpoint",
+            "SELECT endpoint, max(weight) AS weight FROM participant_instances
+             WHERE participant = $1 AND expires_at > now() GROUP BY endpoint ORDER BY endpoint",
         )
         .bind(participant)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r: &PgRow| r.try_get("endpoint").map_err(StoreError::from))
+            .map(|r: &PgRow| {
+                let weight: i32 = r.try_get("weight")?;
+                Ok((
+                    r.try_get("endpoint")?,
+                    u32::try_from(weight).unwrap_or(1).max(1),
+                ))
+            })
             .collect()
     }
 }

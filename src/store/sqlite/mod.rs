@@ -35,9 +35,9 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::encode::{current_progress, encode_steps, encode_trace, fold_activity, saga_bytes};
 use super::{
-    ActivityMinute, Claimed, Created, Hold, Lease, NewSaga, OwnerId, Registered, Renewed,
-    SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent, StuckRule,
-    COUNT_CAP,
+    ActivityMinute, Claimed, Created, Heartbeat, Hold, Lease, NewSaga, OwnerId, Registered,
+    Renewed, SagaCounts, SagaPage, SagaQuery, SagaRecord, SagaStore, StoreError, StoredEvent,
+    StuckRule, COUNT_CAP,
 };
 use crate::domain::{Decision, Definition, EventKind, EventRecord, Saga, SagaId, SagaState};
 use rows::{decode_definition, decode_event, decode_saga, from_us, us, SAGA_COLUMNS};
@@ -844,12 +844,16 @@ impl SagaStore for SqliteStore {
 
     async fn participant_heartbeat(
         &self,
-        participant: &str,
-        instance_id: &str,
-        endpoint: &str,
-        ttl: Duration,
+        beat: &Heartbeat<'_>,
         by: Option<&str>,
     ) -> Result<(), StoreError> {
+        let Heartbeat {
+            participant,
+            instance_id,
+            endpoint,
+            weight,
+            ttl,
+        } = *beat;
         let t = now();
         let mut tx = self.begin().await?;
         // Instances dead for an hour are pruned as their peers announce
@@ -864,11 +868,11 @@ impl SagaStore for SqliteStore {
         sqlx::query(
             "INSERT INTO participant_instances
                  (participant, instance_id, endpoint, expires_at, updated_at, registered_by,
-                  withdrawn_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                  withdrawn_by, weight)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (participant, instance_id) DO UPDATE
              SET endpoint = excluded.endpoint, expires_at = excluded.expires_at,
-                 updated_at = excluded.updated_at,
+                 updated_at = excluded.updated_at, weight = excluded.weight,
                  registered_by = COALESCE(excluded.registered_by, registered_by),
                  withdrawn_by = excluded.withdrawn_by",
         )
@@ -879,6 +883,7 @@ impl SagaStore for SqliteStore {
         .bind(us(t))
         .bind(by.filter(|_| live))
         .bind(by.filter(|_| !live))
+        .bind(i64::from(weight))
         .execute(&mut *tx)
         .await
         .db()?;
@@ -886,15 +891,22 @@ impl SagaStore for SqliteStore {
         Ok(())
     }
 
-    async fn participant_endpoints(&self, participant: &str) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT DISTINCT endpoint FROM participant_instances
-             WHERE participant = ? AND expires_at > ? ORDER BY endpoint",
+    async fn participant_endpoints(
+        &self,
+        participant: &str,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT endpoint, max(weight) FROM participant_instances
+             WHERE participant = ? AND expires_at > ? GROUP BY endpoint ORDER BY endpoint",
         )
         .bind(participant)
         .bind(us(now()))
         .fetch_all(&self.read)
         .await
-        .db()
+        .db()?;
+        Ok(rows
+            .into_iter()
+            .map(|(e, w)| (e, u32::try_from(w).unwrap_or(1).max(1)))
+            .collect())
     }
 }

@@ -658,6 +658,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     seconds: 3_600,
                     nanos: 0,
                 }),
+                weight: 0,
             })
             .await?;
     }

@@ -307,9 +307,11 @@ class Client:
         return _saga(r.saga if r.HasField("saga") else None)
 
     async def heartbeat(
-        self, participant: str, instance_id: str, endpoint: str, ttl: float
+        self, participant: str, instance_id: str, endpoint: str, ttl: float, weight: int = 1
     ) -> None:
-        """Announces a participant instance for ``ttl`` seconds; 0 withdraws it."""
+        """Announces a participant instance for ``ttl`` seconds; 0 withdraws it.
+        ``weight`` (1 to 1000) is its relative share of calls among the
+        participant's instances."""
         await self._call(
             self._stub.Heartbeat,
             pb.HeartbeatRequest(
@@ -317,6 +319,7 @@ class Client:
                 instance_id=instance_id,
                 endpoint=endpoint,
                 ttl=_duration(timedelta(seconds=ttl)),
+                weight=weight,
             ),
         )
 

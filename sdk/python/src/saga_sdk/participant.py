@@ -209,9 +209,11 @@ class Participant:
         *,
         ttl: float = 10.0,
         every: float | None = None,
+        weight: int = 1,
     ) -> "Registration":
         """Announces ``endpoint`` to each coordinator now and then every
-        ``every`` seconds (default ``ttl / 3``), under a fresh instance id.
+        ``every`` seconds (default ``ttl / 3``), under a fresh instance id,
+        with ``weight`` (1 to 1000), its relative share of calls.
         Raises the first error if no coordinator accepts the first
         announcement."""
         reg = Registration(
@@ -220,6 +222,7 @@ class Participant:
             endpoint=endpoint,
             clients=list(coordinators),
             ttl=ttl,
+            weight=weight,
         )
         await reg.beat(first=True)
         reg.start(every if every is not None else ttl / 3)
@@ -289,6 +292,7 @@ class Registration:
     endpoint: str
     clients: list[Client]
     ttl: float
+    weight: int = 1
     _task: asyncio.Task[None] | None = None
 
     async def beat(self, *, first: bool = False, ttl: float | None = None) -> None:
@@ -296,7 +300,11 @@ class Registration:
         for c in self.clients:
             try:
                 await c.heartbeat(
-                    self.participant, self.instance_id, self.endpoint, self.ttl if ttl is None else ttl
+                    self.participant,
+                    self.instance_id,
+                    self.endpoint,
+                    self.ttl if ttl is None else ttl,
+                    self.weight,
                 )
             except SagaError as e:
                 errors.append(e)

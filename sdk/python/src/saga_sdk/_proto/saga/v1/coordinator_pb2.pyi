@@ -314,16 +314,18 @@ class ResolveSagaResponse(_message.Message):
     def __init__(self, saga: _Optional[_Union[Saga, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("participant", "instance_id", "endpoint", "ttl")
+    __slots__ = ("participant", "instance_id", "endpoint", "ttl", "weight")
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     participant: str
     instance_id: str
     endpoint: str
     ttl: _duration_pb2.Duration
-    def __init__(self, participant: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    weight: int
+    def __init__(self, participant: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ()
