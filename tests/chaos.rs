@@ -287,6 +287,14 @@ fn spawn_coord(db_url: &str, parts: &[(&str, std::net::SocketAddr)]) -> Coord {
     }
 }
 
+impl Drop for Coord {
+    /// A test that fails leaves no `sagad` behind (paused ones included).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -362,6 +370,27 @@ struct Done {
     takeovers_ms: Vec<u64>,
 }
 
+/// Builds a participant over its barrier.
+type MakeParticipant = fn(Barrier, Arc<Faults>) -> Participant;
+
+/// The participants, each on its own address, restartable.
+type Parts = Vec<(&'static str, Served)>;
+
+async fn participants(a_db: &PgPool, b_db: &PgPool, faults: &Arc<Faults>) -> Parts {
+    let mut parts = Vec::new();
+    let makers: [(&'static str, PgPool, MakeParticipant); 2] = [
+        ("bank-a", a_db.clone(), bank_a),
+        ("bank-b", b_db.clone(), bank_b),
+    ];
+    for (name, db, make) in makers {
+        let f = faults.clone();
+        let served =
+            Served::start(Box::new(move || make(Barrier::new(db.clone()), f.clone()))).await;
+        parts.push((name, served));
+    }
+    parts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos() {
     let secs: u64 = std::env::var("SAGA_CHAOS_SECS")
@@ -371,20 +400,7 @@ async fn chaos() {
     let pg = Cluster::primary("max_connections = 300");
     let (a_db, b_db) = (bank_db(&pg, "bank_a").await, bank_db(&pg, "bank_b").await);
     let faults = Arc::new(Faults::default());
-    let mut parts = Vec::new();
-    for (name, db, make) in [
-        (
-            "bank-a",
-            a_db.clone(),
-            bank_a as fn(Barrier, Arc<Faults>) -> Participant,
-        ),
-        ("bank-b", b_db.clone(), bank_b),
-    ] {
-        let f = faults.clone();
-        let served =
-            Served::start(Box::new(move || make(Barrier::new(db.clone()), f.clone()))).await;
-        parts.push((name, served));
-    }
+    let mut parts = participants(&a_db, &b_db, &faults).await;
     let addrs: Vec<(&str, std::net::SocketAddr)> =
         parts.iter().map(|(n, s)| (*n, s.addr)).collect();
     let db_url = pg.url("sagad");
@@ -403,34 +419,14 @@ async fn chaos() {
         .map(|_| tokio::spawn(caller(coords.clone(), stop.clone(), started.clone())))
         .collect();
     let sagad_pool = PgPool::connect(&db_url).await.unwrap();
-    let mut done = Done::default();
-    let window = Instant::now();
-    let mut round = 0u64;
-    while window.elapsed() < Duration::from_secs(secs) {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        round += 1;
-        if round == (secs / 4).max(1) {
-            pg.stop("fast");
-            pg.start();
-            done.db_restarts += 1;
-            continue;
-        }
-        match round % 3 {
-            0 => kill_one(&coords, &db_url, &addrs, &sagad_pool, &mut done).await,
-            1 => {
-                let c = pick(&coords);
-                signal(&coords.lock().unwrap()[c].child, "-STOP");
-                tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
-                signal(&coords.lock().unwrap()[c].child, "-CONT");
-                done.pauses += 1;
-            }
-            _ => {
-                let i = rand::random_range(0..parts.len());
-                parts[i].1.restart().await;
-                faults.restarts.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
+    let world = World {
+        pg: &pg,
+        db_url: &db_url,
+        addrs: &addrs,
+        coords: &coords,
+        sagad: &sagad_pool,
+    };
+    let done = world.faults(secs, &mut parts, &faults).await;
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
     for c in callers {
@@ -440,27 +436,7 @@ async fn chaos() {
     report
         .violations
         .extend(overlaps(&faults.arrivals.lock().unwrap()));
-    let mut t = done.takeovers_ms.clone();
-    t.sort_unstable();
-    let p50 = t.get(t.len() / 2).copied().unwrap_or(0);
-    let max = t.last().copied().unwrap_or(0);
-    let summary = format!(
-        "chaos: {} sagas ({} completed, {} compensated, {} suspended), kills {}, pauses {}, participant faults {} (failed {}, answers lost {}, hung {}, restarts {}), db restarts {}, takeover p50 {p50} ms max {max} ms ({} sagas), violations {}",
-        report.sagas,
-        report.completed,
-        report.compensated,
-        report.suspended.len(),
-        done.kills,
-        done.pauses,
-        faults.failed.load(Ordering::Relaxed) + faults.lost.load(Ordering::Relaxed) + faults.hung.load(Ordering::Relaxed) + faults.restarts.load(Ordering::Relaxed),
-        faults.failed.load(Ordering::Relaxed),
-        faults.lost.load(Ordering::Relaxed),
-        faults.hung.load(Ordering::Relaxed),
-        faults.restarts.load(Ordering::Relaxed),
-        done.db_restarts,
-        t.len(),
-        report.violations.len(),
-    );
+    let (summary, max) = summary(&report, &done, &faults);
     println!("{summary}");
     // Kept where `scripts/test` prints it after the run (test output is
     // captured).
@@ -470,10 +446,6 @@ async fn chaos() {
     );
     for s in &report.suspended {
         println!("  suspended: {s}");
-    }
-    for c in coords.lock().unwrap().iter_mut() {
-        let _ = c.child.kill();
-        let _ = c.child.wait();
     }
     assert!(
         report.violations.is_empty(),
@@ -487,6 +459,83 @@ async fn chaos() {
         max <= lease,
         "a takeover took {max} ms, more than the lease plus a poll and a margin ({lease} ms)"
     );
+}
+
+/// What the faults act on.
+struct World<'a> {
+    pg: &'a Cluster,
+    db_url: &'a str,
+    addrs: &'a [(&'a str, std::net::SocketAddr)],
+    coords: &'a Arc<Mutex<Vec<Coord>>>,
+    sagad: &'a PgPool,
+}
+
+impl World<'_> {
+    /// Every 2 s for `secs`: a coordinator SIGKILLed and restarted, one
+    /// paused past its lease, a participant restarted, in turn; PostgreSQL
+    /// restarted once, a quarter of the way in.
+    async fn faults(&self, secs: u64, parts: &mut Parts, faults: &Faults) -> Done {
+        let mut done = Done::default();
+        let window = Instant::now();
+        let mut round = 0u64;
+        while window.elapsed() < Duration::from_secs(secs) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            round += 1;
+            if round == (secs / 4).max(1) {
+                self.pg.stop("fast");
+                self.pg.start();
+                done.db_restarts += 1;
+                continue;
+            }
+            match round % 3 {
+                0 => kill_one(self.coords, self.db_url, self.addrs, self.sagad, &mut done).await,
+                1 => {
+                    let c = pick(self.coords);
+                    signal(&self.coords.lock().unwrap()[c].child, "-STOP");
+                    tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
+                    signal(&self.coords.lock().unwrap()[c].child, "-CONT");
+                    done.pauses += 1;
+                }
+                _ => {
+                    let i = rand::random_range(0..parts.len());
+                    parts[i].1.restart().await;
+                    faults.restarts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        done
+    }
+}
+
+/// The one summary line, and the longest takeover (ms).
+fn summary(report: &Report, done: &Done, faults: &Faults) -> (String, u64) {
+    let mut t = done.takeovers_ms.clone();
+    t.sort_unstable();
+    let p50 = t.get(t.len() / 2).copied().unwrap_or(0);
+    let max = t.last().copied().unwrap_or(0);
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (failed, lost, hung, restarts) = (
+        n(&faults.failed),
+        n(&faults.lost),
+        n(&faults.hung),
+        n(&faults.restarts),
+    );
+    let line = format!(
+        "chaos: {} sagas ({} completed, {} compensated, {} suspended), kills {}, pauses {}, \
+         participant faults {} (failed {failed}, answers lost {lost}, hung {hung}, restarts {restarts}), \
+         db restarts {}, takeover p50 {p50} ms max {max} ms ({} sagas), violations {}",
+        report.sagas,
+        report.completed,
+        report.compensated,
+        report.suspended.len(),
+        done.kills,
+        done.pauses,
+        failed + lost + hung + restarts,
+        done.db_restarts,
+        t.len(),
+        report.violations.len(),
+    );
+    (line, max)
 }
 
 /// No saga driven by two coordinators at once: once a call of a newer
@@ -652,7 +701,21 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
             v.push(format!("saga {id} ended {s}"));
         }
     }
-    // Money: nothing made or lost.
+    ledgers(a, b, &mut v).await;
+    let suspended = books(sagad, a, b, &states, &mut v).await;
+    history(sagad, &mut v).await;
+    Report {
+        sagas: states.len(),
+        completed: count("COMPLETED"),
+        compensated: count("COMPENSATED"),
+        suspended,
+        violations: v,
+    }
+}
+
+/// Money conserved; no (saga, step, phase) applied twice; no action after
+/// its compensation.
+async fn ledgers(a: &PgPool, b: &PgPool, v: &mut Vec<String>) {
     let total = |p: &PgPool| {
         let p = p.clone();
         async move {
@@ -693,7 +756,17 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
             ));
         }
     }
-    // Per saga, the books agree with how it ended.
+}
+
+/// Each saga's books agree with how it ended; the suspended, with their
+/// reasons.
+async fn books(
+    sagad: &PgPool,
+    a: &PgPool,
+    b: &PgPool,
+    states: &HashMap<String, String>,
+    v: &mut Vec<String>,
+) -> Vec<String> {
     let effects = |p: &PgPool| {
         let p = p.clone();
         async move {
@@ -714,7 +787,7 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
             .is_some_and(|e| e.iter().any(|(s, p)| s == step && p == phase))
     };
     let mut suspended = Vec::new();
-    for (id, s) in &states {
+    for (id, s) in states {
         let (debit, refund, credit) = (
             has(id, "debit", "action"),
             has(id, "debit", "compensation"),
@@ -744,7 +817,11 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
             _ => {}
         }
     }
-    // History: numbered from 1 without gaps, opened by `started`.
+    suspended
+}
+
+/// Each history numbered from 1 without gaps and opened by `started`.
+async fn history(sagad: &PgPool, v: &mut Vec<String>) {
     let history: Vec<(String, i64, i64, String)> = sqlx::query_as(
         "SELECT saga_id::text, count(*), max(seq)::bigint, min(kind) FILTER (WHERE seq = 1) FROM saga_events GROUP BY 1",
     )
@@ -757,13 +834,6 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
                 "saga {id}: history of {n} entries up to {max}, opened by {first}"
             ));
         }
-    }
-    Report {
-        sagas: states.len(),
-        completed: count("COMPLETED"),
-        compensated: count("COMPENSATED"),
-        suspended,
-        violations: v,
     }
 }
 
@@ -787,7 +857,7 @@ async fn a_paused_coordinators_writes_are_refused_after_it_resumes() {
         ],
     );
     let spawn = || spawn_coord(&db.url, &[("svc", svc_addr)]);
-    let mut a = spawn();
+    let a = spawn();
     let mut ca = common::client_at(&a.grpc, None).await;
     let mut slow = common::step("a", "svc", true, true);
     slow.timeout = Some(common::ms(60_000));
@@ -795,7 +865,7 @@ async fn a_paused_coordinators_writes_are_refused_after_it_resumes() {
     let saga = common::start(&mut ca, "one", "{}").await;
     svc.wait_calls("a.do", 1).await;
     signal(&a.child, "-STOP");
-    let mut b = spawn();
+    let b = spawn();
     let mut cb = common::client_at(&b.grpc, None).await;
     let done = common::wait(&mut cb, &saga.saga_id).await;
     assert_eq!(common::state(&done), proto::SagaState::Completed);
@@ -825,8 +895,5 @@ async fn a_paused_coordinators_writes_are_refused_after_it_resumes() {
         common::events(&mut cb, &saga.saga_id).await.len(),
         history.len()
     );
-    for c in [&mut a, &mut b] {
-        let _ = c.child.kill();
-        let _ = c.child.wait();
-    }
+    drop((a, b));
 }
