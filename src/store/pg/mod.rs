@@ -761,13 +761,22 @@ impl SagaStore for PgStore {
             return Ok(Renewed::default());
         }
         let (ids, epochs): (Vec<Uuid>, Vec<i64>) = held.iter().map(|(id, e)| (id.0, *e)).unzip();
+        // A pooled connection keeps the plan it made while the table was
+        // small (a hash join over a sequential scan: measured, second-long
+        // stalls every round over a million sagas); without sequential
+        // scans the only plan left is the primary key's, as for the lanes.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(LEASE_RENEW_SQL)
             .bind(&ids)
             .bind(&epochs)
             .bind(owner.0)
             .bind(millis(ttl))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         let mut renewed = Renewed::default();
         for row in &rows {
             renewed.sagas.push(SagaId(row.try_get("saga_id")?));
