@@ -191,6 +191,28 @@ impl Slow {
     }
 }
 
+/// A coordinator (configured by `tweak`) with definition "one": one step at
+/// a participant `svc` that takes `took` per call.
+async fn one_slow_participant(
+    took: Duration,
+    tweak: impl FnOnce(&mut saga_coordinator::config::Config),
+) -> (TestDb, Slow, TestCoordinator) {
+    let db = TestDb::new().await;
+    let slow = Slow::default();
+    let url = slow.serve(took).await;
+    let mut cfg = test_config(&db);
+    cfg.participants = vec![("svc".into(), url)];
+    tweak(&mut cfg);
+    let coord = TestCoordinator::start(cfg).await;
+    let mut c = coord.client().await;
+    register(
+        &mut c,
+        definition("one", vec![step("s", "svc", true, true)]),
+    )
+    .await;
+    (db, slow, coord)
+}
+
 /// Starts `n` sagas of definition "one" from 16 callers; waits for all.
 async fn burst(coord: &TestCoordinator, n: usize) {
     let mut tasks = Vec::new();
@@ -215,18 +237,9 @@ async fn burst(coord: &TestCoordinator, n: usize) {
 
 #[tokio::test]
 async fn the_in_flight_cap_holds_under_a_burst_of_500_sagas_to_one_slow_participant() {
-    let db = TestDb::new().await;
-    let slow = Slow::default();
-    let url = slow.serve(Duration::from_millis(20)).await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
-    cfg.participant_in_flight_max = vec![("svc".into(), 8)];
-    let coord = TestCoordinator::start(cfg).await;
-    let mut c = coord.client().await;
-    register(
-        &mut c,
-        definition("one", vec![step("s", "svc", true, true)]),
-    )
+    let (_db, slow, coord) = one_slow_participant(Duration::from_millis(20), |cfg| {
+        cfg.participant_in_flight_max = vec![("svc".into(), 8)];
+    })
     .await;
     burst(&coord, 500).await;
     let most = slow.most.load(Ordering::SeqCst);
@@ -248,18 +261,9 @@ async fn the_in_flight_cap_holds_under_a_burst_of_500_sagas_to_one_slow_particip
 
 #[tokio::test]
 async fn the_rate_limit_holds() {
-    let db = TestDb::new().await;
-    let slow = Slow::default();
-    let url = slow.serve(Duration::ZERO).await;
-    let mut cfg = test_config(&db);
-    cfg.participants = vec![("svc".into(), url)];
-    cfg.participant_rate_per_sec = vec![("svc".into(), 20.0)];
-    let coord = TestCoordinator::start(cfg).await;
-    let mut c = coord.client().await;
-    register(
-        &mut c,
-        definition("one", vec![step("s", "svc", true, true)]),
-    )
+    let (_db, slow, coord) = one_slow_participant(Duration::ZERO, |cfg| {
+        cfg.participant_rate_per_sec = vec![("svc".into(), 20.0)];
+    })
     .await;
     burst(&coord, 60).await;
     // A bucket of 20 tokens, refilled at 20 a second: the k-th call (from

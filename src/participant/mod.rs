@@ -165,7 +165,7 @@ impl Participants {
         };
         let pool = self.balancer.pool(&sd.participant);
         let _admitted = pool.admit(inv.send_by).await?;
-        let request = build_request(&inv, handler);
+        let mut request = build_request(&inv, handler);
         let started = Instant::now();
         let mut tried: Vec<String> = Vec::new();
         let instances = endpoints.len();
@@ -177,11 +177,15 @@ impl Participants {
                 )));
             };
             let left = inv.timeout.saturating_sub(started.elapsed());
+            // The request is copied only while another instance may still
+            // take it (the payload can be large).
+            let body = if tried.len() + 1 < instances {
+                request.clone()
+            } else {
+                std::mem::take(&mut request)
+            };
             let _outstanding = instance.begin();
-            match self
-                .call(&instance.endpoint, &inv, request.clone(), left)
-                .await
-            {
+            match self.call(&instance.endpoint, &inv, body, left).await {
                 Sent::Reached(result) => {
                     pool.reached(&instance);
                     return Some(result);
