@@ -10,8 +10,9 @@
 //!                            │  │              refuses frozen accounts)
 //!                            │  └─────▶ notify (after the pivot)   (db bank_b)
 //!                            └─ db sagad            all on one private cluster
-//!   chaos, every 2 s: SIGKILL + restart a coordinator │ SIGSTOP one past its
-//!   lease, then SIGCONT │ restart a participant; PostgreSQL restarted once;
+//!   chaos, a round every 2 s: SIGKILL + restart a coordinator │ SIGSTOP one
+//!   past its lease, then SIGCONT │ restart a participant; PostgreSQL
+//!   restarted once;
 //!   handlers fail (retry), lose answers (work done, error returned) and
 //!   hang past their timeout at random throughout
 //! ```
@@ -47,7 +48,9 @@ const OPENING: i64 = 1_000;
 const LEASE_MS: u64 = 2_000;
 const STEP_TIMEOUT: Duration = Duration::from_millis(1_000);
 const CALLERS: usize = 8;
-const TRANSFERS_MAX: usize = 4_000;
+/// Transfers started at most per second of `SAGA_CHAOS_SECS` (a bound the
+/// load does not reach on this kind of machine).
+const TRANSFERS_PER_SEC_MAX: u64 = 250;
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
 struct Transfer {
@@ -401,7 +404,7 @@ async fn chaos() {
     let (a_db, b_db) = (bank_db(&pg, "bank_a").await, bank_db(&pg, "bank_b").await);
     let faults = Arc::new(Faults::default());
     let mut parts = participants(&a_db, &b_db, &faults).await;
-    let addrs: Vec<(&str, std::net::SocketAddr)> =
+    let addrs: Vec<(&'static str, std::net::SocketAddr)> =
         parts.iter().map(|(n, s)| (*n, s.addr)).collect();
     let db_url = pg.url("sagad");
     let coords: Arc<Mutex<Vec<Coord>>> = Arc::new(Mutex::new(
@@ -416,7 +419,10 @@ async fn chaos() {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..CALLERS)
-        .map(|_| tokio::spawn(caller(coords.clone(), stop.clone(), started.clone())))
+        .map(|_| {
+            let budget = (started.clone(), secs * TRANSFERS_PER_SEC_MAX);
+            tokio::spawn(caller(coords.clone(), stop.clone(), budget))
+        })
         .collect();
     let sagad_pool = PgPool::connect(&db_url).await.unwrap();
     let world = World {
@@ -444,16 +450,23 @@ async fn chaos() {
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.txt"),
         format!("{summary}\n"),
     );
-    for s in &report.suspended {
+    // Violations first: a failing run's output is cut short.
+    for v in report.violations.iter().take(20) {
+        println!("  violation: {v}");
+    }
+    for s in report.suspended.iter().take(20) {
         println!("  suspended: {s}");
+    }
+    if report.suspended.len() > 20 {
+        println!("  … and {} more suspended", report.suspended.len() - 20);
     }
     assert!(
         report.violations.is_empty(),
-        "violations: {:#?}",
-        report.violations
+        "{} violations, the first: {:#?}",
+        report.violations.len(),
+        &report.violations[..report.violations.len().min(20)]
     );
     assert!(report.sagas > 50, "too little load to mean anything");
-    assert!(done.db_restarts == 1);
     let lease = LEASE_MS + 200 + 2_000;
     assert!(
         max <= lease,
@@ -465,46 +478,121 @@ async fn chaos() {
 struct World<'a> {
     pg: &'a Cluster,
     db_url: &'a str,
-    addrs: &'a [(&'a str, std::net::SocketAddr)],
+    addrs: &'a [(&'static str, std::net::SocketAddr)],
     coords: &'a Arc<Mutex<Vec<Coord>>>,
     sagad: &'a PgPool,
 }
 
+/// How long one round of faults lasts at least.
+const ROUND: Duration = Duration::from_secs(2);
+
 impl World<'_> {
-    /// Every 2 s for `secs`: a coordinator SIGKILLed and restarted, one
-    /// paused past its lease, a participant restarted, in turn; PostgreSQL
-    /// restarted once, a quarter of the way in.
+    /// `secs / 2` rounds of at least 2 s each: a coordinator SIGKILLed and
+    /// restarted, one paused past its lease, a participant restarted, in
+    /// turn; PostgreSQL restarted once, a quarter of the way in. The
+    /// schedule is counted in rounds, not read off the clock, so a slow
+    /// machine gets every fault too, only later; no round blocks the
+    /// runtime that serves the participants.
     async fn faults(&self, secs: u64, parts: &mut Parts, faults: &Faults) -> Done {
         let mut done = Done::default();
-        let window = Instant::now();
-        let mut round = 0u64;
-        while window.elapsed() < Duration::from_secs(secs) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            round += 1;
-            if round == (secs / 4).max(1) {
-                self.pg.stop("fast");
-                self.pg.start();
+        let rounds = (secs / 2).max(4);
+        let mut takeovers = Vec::new();
+        for round in 1..=rounds {
+            let tick = tokio::time::Instant::now();
+            if round == (rounds / 4).max(1) {
+                tokio::task::block_in_place(|| {
+                    self.pg.stop("fast");
+                    self.pg.start();
+                });
                 done.db_restarts += 1;
-                continue;
-            }
-            match round % 3 {
-                0 => kill_one(self.coords, self.db_url, self.addrs, self.sagad, &mut done).await,
-                1 => {
-                    let c = pick(self.coords);
-                    signal(&self.coords.lock().unwrap()[c].child, "-STOP");
-                    tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
-                    signal(&self.coords.lock().unwrap()[c].child, "-CONT");
-                    done.pauses += 1;
-                }
-                _ => {
-                    let i = rand::random_range(0..parts.len());
-                    parts[i].1.restart().await;
-                    faults.restarts.fetch_add(1, Ordering::Relaxed);
+            } else {
+                match round % 3 {
+                    0 => takeovers.push(self.kill_one(&mut done).await),
+                    1 => self.pause_one(&mut done).await,
+                    _ => {
+                        let i = rand::random_range(0..parts.len());
+                        parts[i].1.restart().await;
+                        faults.restarts.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
+            tokio::time::sleep_until(tick + ROUND).await;
+        }
+        for t in takeovers {
+            done.takeovers_ms.extend(t.await.unwrap());
         }
         done
     }
+
+    /// SIGSTOPs a coordinator past its lease, then SIGCONTs it.
+    async fn pause_one(&self, done: &mut Done) {
+        let c = pick(self.coords);
+        signal(&self.coords.lock().unwrap()[c].child, "-STOP");
+        tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
+        signal(&self.coords.lock().unwrap()[c].child, "-CONT");
+        done.pauses += 1;
+    }
+
+    /// SIGKILLs one coordinator and restarts it; the task returned measures
+    /// how long its sagas waited for another (their epoch moving on), from
+    /// the kill, whatever the restart takes.
+    async fn kill_one(&self, done: &mut Done) -> tokio::task::JoinHandle<Vec<u64>> {
+        let c = pick(self.coords);
+        let owner = self.coords.lock().unwrap()[c].owner.clone();
+        {
+            let mut all = self.coords.lock().unwrap();
+            let _ = all[c].child.kill();
+            let _ = all[c].child.wait();
+        }
+        let killed = Instant::now();
+        done.kills += 1;
+        let held: HashMap<String, i64> = sqlx::query(
+            "SELECT saga_id::text AS id, lease_epoch FROM sagas
+             WHERE owner = $1::uuid AND state IN ('RUNNING', 'COMPENSATING')",
+        )
+        .bind(&owner)
+        .fetch_all(self.sagad)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (r.get("id"), r.get("lease_epoch")))
+                .collect()
+        })
+        .unwrap_or_default();
+        let waiting = tokio::spawn(takeovers(self.sagad.clone(), held, killed));
+        let (url, addrs) = (self.db_url.to_owned(), self.addrs.to_vec());
+        let fresh = tokio::task::spawn_blocking(move || spawn_coord(&url, &addrs))
+            .await
+            .unwrap();
+        self.coords.lock().unwrap()[c] = fresh;
+        waiting
+    }
+}
+
+/// Waits (up to 30 s) for each saga of `held` to move past its epoch; the
+/// milliseconds from `killed` each took.
+async fn takeovers(pool: PgPool, mut waiting: HashMap<String, i64>, killed: Instant) -> Vec<u64> {
+    let mut took = Vec::new();
+    while !waiting.is_empty() && killed.elapsed() < Duration::from_secs(30) {
+        let ids: Vec<String> = waiting.keys().cloned().collect();
+        if let Ok(rows) = sqlx::query(
+            "SELECT saga_id::text AS id, lease_epoch FROM sagas WHERE saga_id::text = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&pool)
+        .await
+        {
+            for r in rows {
+                let (id, epoch): (String, i64) = (r.get("id"), r.get("lease_epoch"));
+                if waiting.get(&id).is_some_and(|e| epoch > *e) {
+                    waiting.remove(&id);
+                    took.push(killed.elapsed().as_millis() as u64);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    took
 }
 
 /// The one summary line, and the longest takeover (ms).
@@ -559,72 +647,15 @@ fn pick(coords: &Arc<Mutex<Vec<Coord>>>) -> usize {
     rand::random_range(0..coords.lock().unwrap().len())
 }
 
-/// SIGKILLs one coordinator, restarts it, and measures how long its sagas
-/// wait for another (their epoch moving on).
-async fn kill_one(
-    coords: &Arc<Mutex<Vec<Coord>>>,
-    db_url: &str,
-    addrs: &[(&str, std::net::SocketAddr)],
-    pool: &PgPool,
-    done: &mut Done,
-) {
-    let c = pick(coords);
-    let owner = coords.lock().unwrap()[c].owner.clone();
-    {
-        let mut all = coords.lock().unwrap();
-        let _ = all[c].child.kill();
-        let _ = all[c].child.wait();
-    }
-    let killed = Instant::now();
-    done.kills += 1;
-    let held: Vec<(String, i64)> = sqlx::query(
-        "SELECT saga_id::text AS id, lease_epoch FROM sagas
-         WHERE owner = $1::uuid AND state IN ('RUNNING', 'COMPENSATING')",
-    )
-    .bind(&owner)
-    .fetch_all(pool)
-    .await
-    .map(|rows| {
-        rows.iter()
-            .map(|r| (r.get("id"), r.get("lease_epoch")))
-            .collect()
-    })
-    .unwrap_or_default();
-    let fresh = spawn_coord(db_url, addrs);
-    coords.lock().unwrap()[c] = fresh;
-    let mut waiting: HashMap<String, i64> = held.into_iter().collect();
-    while !waiting.is_empty() && killed.elapsed() < Duration::from_secs(30) {
-        let ids: Vec<String> = waiting.keys().cloned().collect();
-        if let Ok(rows) = sqlx::query(
-            "SELECT saga_id::text AS id, lease_epoch FROM sagas WHERE saga_id::text = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(pool)
-        .await
-        {
-            for r in rows {
-                let (id, epoch): (String, i64) = (r.get("id"), r.get("lease_epoch"));
-                if waiting.get(&id).is_some_and(|e| epoch > *e) {
-                    waiting.remove(&id);
-                    done.takeovers_ms.push(killed.elapsed().as_millis() as u64);
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Starts transfers through any live coordinator until `stop`; a start
 /// that fails is retried under the same id (starts are idempotent by id).
 async fn caller(
     coords: Arc<Mutex<Vec<Coord>>>,
     stop: Arc<AtomicBool>,
-    n: Arc<AtomicU64>,
+    (n, max): (Arc<AtomicU64>, u64),
 ) -> Vec<String> {
     let mut acked = Vec::new();
-    while !stop.load(Ordering::Relaxed)
-        && (n.fetch_add(1, Ordering::Relaxed) as usize) < TRANSFERS_MAX
-    {
+    while !stop.load(Ordering::Relaxed) && n.fetch_add(1, Ordering::Relaxed) < max {
         let id = uuid::Uuid::new_v4().to_string();
         let t = Transfer {
             from: rand::random_range(0..ACCOUNTS),
