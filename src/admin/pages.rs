@@ -134,7 +134,7 @@ pub(super) async fn list(
     }
 }
 
-async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<String, OpsError> {
+async fn list_body(st: &Arc<AdminState>, p: &HashMap<String, String>) -> Result<String, OpsError> {
     let f = Filters::parse(p, st.cfg.page_rows_default, st.cfg.page_rows_max)?;
     let now = st.ops.worker.db_now();
     let counts = st
@@ -229,13 +229,35 @@ async fn list_body(st: &AdminState, p: &HashMap<String, String>) -> Result<Strin
 }
 
 /// The activity chart, counting again only what may have changed.
-async fn activity(st: &AdminState, now: chrono::DateTime<chrono::Utc>) -> Result<String, OpsError> {
+async fn activity(
+    st: &Arc<AdminState>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<String, OpsError> {
     let lock = || st.activity.lock().unwrap_or_else(|p| p.into_inner());
-    let from = lock().recount_from(now);
-    let fresh = st.ops.store.saga_activity(from).await?;
-    let mut cache = lock();
-    cache.merge(from, fresh, now);
-    Ok(charts::activity_svg(&cache.minutes(now)))
+    let plan = lock().plan(now);
+    match plan {
+        charts::Recount::No => {}
+        charts::Recount::Wait(from) => {
+            let fresh = st.ops.store.saga_activity(from).await?;
+            lock().merge(from, fresh, now);
+        }
+        charts::Recount::Background(from) => {
+            let st = st.clone();
+            tokio::spawn(async move {
+                let fresh = st.ops.store.saga_activity(from).await;
+                let mut cache = st.activity.lock().unwrap_or_else(|p| p.into_inner());
+                match fresh {
+                    Ok(fresh) => cache.merge(from, fresh, now),
+                    Err(e) => {
+                        cache.count_failed();
+                        tracing::warn!(error = %e, "counting the activity chart failed");
+                    }
+                }
+            });
+        }
+    }
+    let minutes = lock().minutes(now);
+    Ok(charts::activity_svg(&minutes))
 }
 
 /// GET /sagas/{id}: input, steps, history, actions.
