@@ -380,6 +380,19 @@ async fn invalid_starts_are_refused_and_nothing_is_written() {
 }
 
 #[tokio::test]
+async fn ids_the_coordinator_chooses_are_time_ordered() {
+    let mut e = env().await;
+    register(&mut e.client, valid()).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = start(&mut e.client, "order", "{}").await;
+        ids.push(uuid::Uuid::parse_str(&s.saga_id).unwrap());
+    }
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+#[tokio::test]
 async fn start_is_idempotent_on_a_caller_chosen_id() {
     let mut e = env().await;
     register(&mut e.client, valid()).await;
