@@ -82,11 +82,18 @@ pub struct Args {
     /// inputs and measure sagad's memory while 8 callers list them all.
     #[arg(long, conflicts_with = "sagad")]
     pub list_memory: Option<u32>,
-    /// Before the levels, insert this many settled sagas (with their
-    /// history) into sagad's database, and time the admin page's reads
-    /// (PostgreSQL only): the growth bench.
+    /// The growth bench (PostgreSQL only): a second `sagad` on a second
+    /// database (the first's name + `_grown`) into which this many settled
+    /// sagas (with their history) are inserted; the admin page's reads are
+    /// timed there, then the levels run on both in turn, and each level's
+    /// median throughput grown is printed as a share of empty's.
     #[arg(long, default_value_t = 0, conflicts_with = "sagad")]
     pub preload_settled: u64,
+    /// With `--preload-settled`: rounds of the levels, each on the empty
+    /// database and then on the grown one (the host's speed drifts; rounds
+    /// in turn see the same drift, and the medians are compared).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub growth_rounds: u32,
     /// Most sagas per level, whatever the duration.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_sagas: u64,
@@ -99,7 +106,7 @@ pub struct Args {
 }
 
 /// One level's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Level {
     /// Client concurrency.
     pub concurrency: u32,
@@ -109,6 +116,8 @@ pub struct Level {
     pub compensated: u64,
     /// Errors (any failed call or unexpected state).
     pub errors: u64,
+    /// The first of them.
+    pub first_error: Option<String>,
     /// Seconds measured.
     pub seconds: f64,
     /// Finished sagas per second.
@@ -333,7 +342,11 @@ fn postgres_cpu_secs() -> Option<f64> {
     seen.then_some(ticks / 100.0)
 }
 
-async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad> {
+async fn start_sagad(
+    args: &Args,
+    database_url: &str,
+    participant_url: &str,
+) -> anyhow::Result<Sagad> {
     if let Some(url) = &args.sagad {
         return Ok(Sagad {
             child: None,
@@ -344,7 +357,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             auth: None,
         });
     }
-    match sqlite_file(&args.database_url) {
+    match sqlite_file(database_url) {
         Some(file) => {
             for suffix in ["", "-wal", "-shm"] {
                 let mut f = file.clone().into_os_string();
@@ -353,8 +366,8 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
             }
         }
         None => {
-            if sqlx::Postgres::database_exists(&args.database_url).await? {
-                sqlx::Postgres::drop_database(&args.database_url).await?;
+            if sqlx::Postgres::database_exists(database_url).await? {
+                sqlx::Postgres::drop_database(database_url).await?;
             }
         }
     }
@@ -366,7 +379,7 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
     let mut command = std::process::Command::new(&bin);
     command.args([
         "--database-url",
-        &args.database_url,
+        database_url,
         "--grpc-addr",
         "127.0.0.1:0",
         "--admin-addr",
@@ -399,6 +412,8 @@ async fn start_sagad(args: &Args, participant_url: &str) -> anyhow::Result<Sagad
         {
             if line.contains("sagad started") {
                 let _ = tx.send(line);
+            } else if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("sagad: {line}");
             }
         }
     });
@@ -604,26 +619,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             ),
     );
-    let sagad = start_sagad(&args, &participant_url).await?;
-    let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let pool = match sqlite_file(&args.database_url) {
-        Some(_) => None,
-        None => Some(
-            PgPoolOptions::new()
-                .max_connections(max_c + 2)
-                .connect(&args.database_url)
-                .await?,
-        ),
-    };
-    let version: String = match &pool {
-        Some(pool) => {
-            let v: String = sqlx::query_scalar("SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
-                .fetch_one(pool)
-                .await?;
-            format!("PostgreSQL {v}")
-        }
-        None => format!("SQLite {} (WAL, synchronous=FULL)", args.database_url),
-    };
+    let main = Setup::new(&args, &args.database_url, &participant_url).await?;
+    let version = main.version(&args).await?;
     println!(
         "saga-bench: {} steps, levels {:?}, {}s each, fail fraction {}; {}, {}; {version}",
         args.steps,
@@ -637,33 +634,125 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => "no authentication",
         },
     );
-
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(sagad.url.clone())?.tcp_nodelay(true);
-    if let Some((ca, _)) = &sagad.tls {
-        endpoint = endpoint.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )?;
+    if let Some(n) = args.list_memory {
+        let Some(pool) = &main.pool else {
+            bail!("--list-memory needs PostgreSQL (it reads the inputs' sizes there)");
+        };
+        let channel = main.channel.clone();
+        return crate::list_memory::run(&main.sagad, pool, channel, &main.name, args.steps, n)
+            .await;
     }
-    let channel = endpoint.connect().await?;
-    let mut client = sagad.client(channel.clone())?;
-    if args.sagad.is_some() {
+    if args.preload_settled > 0 {
+        return crate::growth::run(&args, main, &participant_url, &version).await;
+    }
+    let phase = main.phase(&args);
+    let admin_ms = phase.admin_reads("").await?;
+    let levels = phase.levels().await?;
+    print_levels(&levels);
+    write_report(&args, &version, &admin_ms, &[], &levels)?;
+    errors(&levels)
+}
+
+/// A failed run when any level had errors.
+pub(crate) fn errors(levels: &[Level]) -> anyhow::Result<()> {
+    let errors: u64 = levels.iter().map(|l| l.errors).sum();
+    if errors > 0 {
+        bail!("{errors} errors");
+    }
+    Ok(())
+}
+
+/// One `sagad` on its database, reached over one channel, with the bench
+/// definition registered.
+pub(crate) struct Setup {
+    sagad: Sagad,
+    pub(crate) pool: Option<PgPool>,
+    channel: tonic::transport::Channel,
+    pub(crate) name: String,
+}
+
+impl Setup {
+    pub(crate) async fn new(
+        args: &Args,
+        database_url: &str,
+        participant_url: &str,
+    ) -> anyhow::Result<Setup> {
+        let sagad = start_sagad(args, database_url, participant_url).await?;
+        let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
+        let pool = match sqlite_file(database_url) {
+            Some(_) => None,
+            None => Some(
+                PgPoolOptions::new()
+                    .max_connections(max_c + 2)
+                    .connect(database_url)
+                    .await?,
+            ),
+        };
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(sagad.url.clone())?.tcp_nodelay(true);
+        if let Some((ca, _)) = &sagad.tls {
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )?;
+        }
+        let channel = endpoint.connect().await?;
+        let mut client = sagad.client(channel.clone())?;
+        if args.sagad.is_some() {
+            client
+                .heartbeat(proto::HeartbeatRequest {
+                    participant: "bench".into(),
+                    instance_id: format!("saga-bench-{}", std::process::id()),
+                    endpoint: participant_url.to_owned(),
+                    ttl: Some(prost_types::Duration {
+                        seconds: 3_600,
+                        nanos: 0,
+                    }),
+                    weight: 0,
+                })
+                .await?;
+        }
+        let name = format!("bench-{}", args.steps);
         client
-            .heartbeat(proto::HeartbeatRequest {
-                participant: "bench".into(),
-                instance_id: format!("saga-bench-{}", std::process::id()),
-                endpoint: participant_url.clone(),
-                ttl: Some(prost_types::Duration {
-                    seconds: 3_600,
-                    nanos: 0,
-                }),
-                weight: 0,
+            .register_definition(proto::RegisterDefinitionRequest {
+                definition: Some(definition(&name, args.steps)),
             })
             .await?;
+        Ok(Setup {
+            sagad,
+            pool,
+            channel,
+            name,
+        })
     }
-    let name = format!("bench-{}", args.steps);
-    let steps = (0..args.steps)
+
+    /// The database's version and durability settings, for the header.
+    async fn version(&self, args: &Args) -> anyhow::Result<String> {
+        Ok(match &self.pool {
+            Some(pool) => {
+                let v: String = sqlx::query_scalar("SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
+                    .fetch_one(pool)
+                    .await?;
+                format!("PostgreSQL {v}")
+            }
+            None => format!("SQLite {} (WAL, synchronous=FULL)", args.database_url),
+        })
+    }
+
+    pub(crate) fn phase<'a>(&'a self, args: &'a Args) -> Phase<'a> {
+        Phase {
+            args,
+            sagad: &self.sagad,
+            pool: self.pool.as_ref(),
+            channel: self.channel.clone(),
+            name: &self.name,
+        }
+    }
+}
+
+/// `steps` steps on the in-process participant, every one idempotent.
+fn definition(name: &str, steps: u32) -> proto::SagaDefinition {
+    let steps = (0..steps)
         .map(|i| proto::StepDefinition {
             name: format!("s{i}"),
             participant: "bench".into(),
@@ -673,86 +762,97 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         })
         .collect();
-    client
-        .register_definition(proto::RegisterDefinitionRequest {
-            definition: Some(proto::SagaDefinition {
-                name: name.clone(),
-                steps,
-                ..Default::default()
-            }),
-        })
-        .await?;
-    if let Some(n) = args.list_memory {
-        let Some(pool) = &pool else {
-            bail!("--list-memory needs PostgreSQL (it reads the inputs' sizes there)");
-        };
-        return crate::list_memory::run(&sagad, pool, channel, &name, args.steps, n).await;
+    proto::SagaDefinition {
+        name: name.to_owned(),
+        steps,
+        ..Default::default()
+    }
+}
+
+/// What every phase of one run shares: its `sagad`, database and
+/// definition.
+pub(crate) struct Phase<'a> {
+    args: &'a Args,
+    sagad: &'a Sagad,
+    pool: Option<&'a PgPool>,
+    channel: tonic::transport::Channel,
+    name: &'a str,
+}
+
+impl Phase<'_> {
+    /// The warm-up, then each level, then the commit ceilings.
+    pub(crate) async fn levels(&self) -> anyhow::Result<Vec<Level>> {
+        let args = self.args;
+        if args.warmup_secs > 0.0 {
+            let warm = Args {
+                duration_secs: args.warmup_secs,
+                stats_settle_secs: 0.0,
+                ..args.clone()
+            };
+            let skip = pg_stats(self.pool).await?;
+            self.level(&warm, 1, skip).await?;
+        }
+        // Each level's settled "after" is the next one's "before".
+        let mut stats = settled_stats(self.pool, args.stats_settle_secs).await?;
+        let mut levels = Vec::new();
+        for &c in &args.concurrency {
+            let (level, after) = self.level(args, c.max(1), stats).await?;
+            levels.push(level);
+            stats = after;
+        }
+        // The ceilings run after every saga level: statistics of idle
+        // backends reach pg_stat_database late, and the ceiling's inserts
+        // must not leak into a saga level's figures.
+        if let (false, Some(pool)) = (args.no_ceiling, self.pool) {
+            for level in levels.iter_mut() {
+                let secs = args.duration_secs.min(5.0);
+                let t = commit_ceiling(pool, level.concurrency, secs).await?;
+                level.ceiling_commits_per_sec = Some(t);
+                level.ceiling_fraction = level
+                    .commits_per_saga
+                    .map(|commits| level.sagas_per_sec * commits / t);
+            }
+        }
+        Ok(levels)
     }
 
-    let mut admin_ms = Vec::new();
-    if args.preload_settled > 0 {
-        let Some(pool) = &pool else {
-            bail!("--preload-settled needs PostgreSQL");
-        };
-        crate::growth::preload(pool, &name, args.steps, args.preload_settled).await?;
+    async fn level(
+        &self,
+        args: &Args,
+        c: u32,
+        before: Option<PgStats>,
+    ) -> anyhow::Result<(Level, Option<PgStats>)> {
+        run_level(
+            args,
+            self.sagad,
+            self.pool,
+            self.channel.clone(),
+            self.name,
+            c,
+            before,
+        )
+        .await
     }
-    if let Some(admin) = sagad.admin.as_deref() {
-        admin_ms = crate::growth::admin_latency(admin, sagad.bearer()).await?;
+
+    /// Times the admin page's reads, when `sagad`'s admin address is known;
+    /// `when` labels the printed lines.
+    pub(crate) async fn admin_reads(&self, when: &str) -> anyhow::Result<Vec<(String, f64, f64)>> {
+        let Some(admin) = self.sagad.admin.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let admin_ms = crate::growth::admin_latency(admin, self.sagad.bearer()).await?;
         for (path, p50, max) in &admin_ms {
             println!(
-                "admin GET {path}: p50 {p50:.1} ms, max {max:.1} ms ({} requests)",
+                "admin GET {path}{when}: p50 {p50:.1} ms, max {max:.1} ms ({} requests)",
                 crate::growth::ADMIN_SAMPLES
             );
         }
+        Ok(admin_ms)
     }
-    if args.warmup_secs > 0.0 {
-        let warm = Args {
-            duration_secs: args.warmup_secs,
-            stats_settle_secs: 0.0,
-            ..args.clone()
-        };
-        let skip = pg_stats(pool.as_ref()).await?;
-        run_level(
-            &warm,
-            &sagad,
-            pool.as_ref(),
-            channel.clone(),
-            &name,
-            1,
-            skip,
-        )
-        .await?;
-    }
-    // Each level's settled "after" is the next one's "before".
-    let mut stats = settled_stats(pool.as_ref(), args.stats_settle_secs).await?;
-    let mut levels = Vec::new();
-    for &c in &args.concurrency {
-        let (level, after) = run_level(
-            &args,
-            &sagad,
-            pool.as_ref(),
-            channel.clone(),
-            &name,
-            c.max(1),
-            stats,
-        )
-        .await?;
-        levels.push(level);
-        stats = after;
-    }
-    // The ceilings run after every saga level: statistics of idle backends
-    // reach pg_stat_database late, and the ceiling's inserts must not leak
-    // into a saga level's figures.
-    if let (false, Some(pool)) = (args.no_ceiling, &pool) {
-        for level in levels.iter_mut() {
-            let t = commit_ceiling(pool, level.concurrency, args.duration_secs.min(5.0)).await?;
-            level.ceiling_commits_per_sec = Some(t);
-            level.ceiling_fraction = level
-                .commits_per_saga
-                .map(|commits| level.sagas_per_sec * commits / t);
-        }
-    }
-    for level in &levels {
+}
+
+pub(crate) fn print_levels(levels: &[Level]) {
+    for level in levels {
         println!(
             "c={:<3} {:>8.1} sagas/s  p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  start p50 {:.2} ms  {} commits/saga  {} rows/saga  cpu sagad {} postgres {}  ceiling {}  errors {}",
             level.concurrency,
@@ -772,6 +872,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             },
             level.errors,
         );
+        if let Some(e) = &level.first_error {
+            println!("       first error: {e}");
+        }
         if let (Some(call), Some(write), Some(w), Some(st)) = (
             level.step_call_mean_ms,
             level.db_write_mean_ms,
@@ -784,6 +887,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+}
+
+/// `results.json` and `chart.svg` in `--out`.
+pub(crate) fn write_report(
+    args: &Args,
+    version: &str,
+    admin_ms: &[(String, f64, f64)],
+    empty: &[Level],
+    levels: &[Level],
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let report = serde_json::json!({
         "steps": args.steps,
@@ -798,23 +911,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(path, p50, max)| serde_json::json!({"path": path, "p50": p50, "max": max}))
             .collect::<Vec<_>>(),
+        "empty_levels": empty,
         "levels": levels,
     });
     std::fs::write(
         args.out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(args.out.join("chart.svg"), chart(&levels, args.steps))?;
+    std::fs::write(args.out.join("chart.svg"), chart(levels, args.steps))?;
     println!(
         "wrote {} and {}",
         args.out.join("results.json").display(),
         args.out.join("chart.svg").display()
     );
-    let errors: u64 = levels.iter().map(|l| l.errors).sum();
-    if errors > 0 {
-        bail!("{errors} errors");
-    }
-    drop(sagad);
     Ok(())
 }
 
@@ -838,6 +947,7 @@ async fn run_level(
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let budget = Arc::new(AtomicU64::new(args.max_sagas));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut tasks = Vec::new();
     for i in 0..c {
         let mut client = sagad.client(channel.clone())?;
@@ -848,6 +958,7 @@ async fn run_level(
             budget.clone(),
         );
         let fail_fraction = args.fail_fraction;
+        let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut start_lat = Vec::new();
@@ -903,8 +1014,15 @@ async fn run_level(
                         compensated += u64::from(fail);
                         done.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => {
+                    other => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        if first.is_none() {
+                            *first = Some(match other {
+                                Ok(s) => format!("a saga ended in state {s}, not {want}"),
+                                Err(e) => format!("{:?}: {}", e.code(), e.message()),
+                            });
+                        }
                     }
                 }
             }
@@ -971,6 +1089,7 @@ async fn run_level(
         sagas,
         compensated,
         errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.lock().unwrap_or_else(|p| p.into_inner()).take(),
         seconds,
         sagas_per_sec,
         p50_ms: percentile(&lat, 50.0),

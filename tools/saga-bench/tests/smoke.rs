@@ -52,6 +52,13 @@ async fn run_bench_on(
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    if args.contains(&"--preload-settled") {
+        // The growth bench's second database, beside the test's.
+        use sqlx::migrate::MigrateDatabase;
+        sqlx::Postgres::drop_database(&format!("{}_grown", db.url))
+            .await
+            .unwrap();
+    }
     let report = std::fs::read_to_string(out.join("results.json")).unwrap();
     (serde_json::from_str(&report).unwrap(), out)
 }
@@ -59,7 +66,8 @@ async fn run_bench_on(
 #[tokio::test]
 async fn saga_bench_runs_and_writes_its_report() {
     // With a token in an auth file: /metrics is read with it too. With
-    // settled sagas preloaded, the admin reads are timed.
+    // settled sagas preloaded (the growth bench), the levels run on an
+    // empty database and on the grown one, and the admin reads are timed.
     let (report, out) = run_bench(&[
         "--fail-fraction",
         "0.25",
@@ -67,6 +75,8 @@ async fn saga_bench_runs_and_writes_its_report() {
         "token",
         "--preload-settled",
         "1000",
+        "--growth-rounds",
+        "1",
     ])
     .await;
     assert_eq!(report["auth"], "token");
@@ -74,6 +84,9 @@ async fn saga_bench_runs_and_writes_its_report() {
     let admin = report["admin_ms"].as_array().unwrap();
     assert_eq!(admin.len(), 3, "{admin:?}");
     assert!(admin.iter().all(|a| a["p50"].as_f64().unwrap() > 0.0));
+    let empty = report["empty_levels"].as_array().unwrap();
+    assert_eq!(empty.len(), 1, "one round, one level: {empty:?}");
+    assert!(empty[0]["sagas"].as_u64().unwrap() > 0);
     let level = &report["levels"][0];
     assert_eq!(level["concurrency"], 2);
     assert_eq!(level["errors"], 0);
