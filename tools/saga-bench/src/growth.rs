@@ -4,8 +4,9 @@
 //! page itself).
 //!
 //! ```text
-//!   sagad ── saga_bench          (empty)          ┐ round 1, 2, 3:
-//!   sagad ── saga_bench_grown    (N settled)      ┘ levels on each in turn
+//!   sagad ── saga_bench          (empty)          ┐ round 1, 2, 3: levels on
+//!   sagad ── saga_bench_grown    (N settled)      ┘ each in turn (empty first
+//!                                                   in odd rounds, grown in even)
 //!   growth: c=64 grown median / empty median
 //! ```
 
@@ -36,10 +37,15 @@ pub async fn run(
     let admin_ms = grown.phase(args).admin_reads(" (grown, idle)").await?;
     let (mut all_empty, mut all_grown) = (Vec::new(), Vec::new());
     for round in 1..=args.growth_rounds {
-        for (label, setup, all) in [
-            ("empty", &empty, &mut all_empty),
-            ("grown", &grown, &mut all_grown),
-        ] {
+        // Empty first in odd rounds, grown first in even ones: whatever
+        // going first or second does is shared out.
+        let first_grown = round % 2 == 0;
+        for grown_now in [first_grown, !first_grown] {
+            let (label, setup, all) = if grown_now {
+                ("grown", &grown, &mut all_grown)
+            } else {
+                ("empty", &empty, &mut all_empty)
+            };
             println!("saga-bench: round {round}, {label} database");
             let levels = setup.phase(args).levels().await?;
             print_levels(&levels);
