@@ -169,3 +169,59 @@ async fn while_the_database_is_away_calls_fail_fast_and_all_resumes_after() {
     );
     coord.shutdown().await;
 }
+
+/// The probe's own connection dying (a restart of that backend, an idle
+/// cut by a proxy) is not the database going away: the probe tries once
+/// more on a new connection before it refuses any call.
+#[tokio::test]
+async fn a_broken_probe_connection_is_not_an_outage() {
+    use saga_coordinator::store::pg::hosts::{watch, Health, Hosts, Probe};
+    let db = TestDb::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .min_connections(0)
+        .connect_lazy(&db.url)
+        .unwrap();
+    let health = Arc::new(Health::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let probe = Probe {
+        every: Duration::from_millis(20),
+        timeout: Duration::from_secs(2),
+    };
+    let hosts = Arc::new(Hosts::parse(&db.url).unwrap());
+    let task = tokio::spawn(watch(pool, hosts, health.clone(), probe, stop.clone()));
+    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let backends = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    for _ in 0..3 {
+        // The probe is connected (it is the only client of this database)…
+        let until = Instant::now() + Duration::from_secs(30);
+        while backends().await == 0 {
+            assert!(Instant::now() < until, "the probe never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // …and its connection is cut: the next round finds it dead.
+        db.terminate_sessions(false).await;
+        while backends().await > 0 {
+            assert!(Instant::now() < until, "the session did not end");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Reconnected in the round that found its connection dead.
+    let until = Instant::now() + Duration::from_secs(30);
+    while backends().await == 0 {
+        assert!(Instant::now() < until, "the probe never reconnected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(health.is_up());
+    assert_eq!(health.generation(), 0, "the database was never found away");
+    stop.cancel();
+    task.await.unwrap();
+}

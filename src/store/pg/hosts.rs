@@ -236,23 +236,16 @@ pub async fn watch(
 ) {
     let mut conn: Option<PgConnection> = None;
     loop {
-        let ok = tokio::time::timeout(probe.timeout, check(&mut conn, &pool))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            if let Some(c) = conn.take() {
-                drop(c);
-            }
-            if hosts.urls().len() > 1 {
-                if let Some((_, options)) = hosts.find_writable(probe.timeout).await {
-                    let host = options.get_host().to_owned();
-                    let port = options.get_port();
-                    let moved = pool.connect_options().get_host() != host
-                        || pool.connect_options().get_port() != port;
-                    if moved {
-                        tracing::warn!(%host, port, "the writable database moved; following it");
-                        pool.set_connect_options(options);
-                    }
+        let ok = probe_round(&mut conn, &pool, probe.timeout).await;
+        if !ok && hosts.urls().len() > 1 {
+            if let Some((_, options)) = hosts.find_writable(probe.timeout).await {
+                let host = options.get_host().to_owned();
+                let port = options.get_port();
+                let moved = pool.connect_options().get_host() != host
+                    || pool.connect_options().get_port() != port;
+                if moved {
+                    tracing::warn!(%host, port, "the writable database moved; following it");
+                    pool.set_connect_options(options);
                 }
             }
         }
@@ -262,6 +255,24 @@ pub async fn watch(
             _ = tokio::time::sleep(probe.every) => {}
         }
     }
+}
+
+/// Whether the database answers: a probe on the probe's connection, and
+/// when that fails, once more on a new one — what broke may be only that
+/// connection, and a false "away" would refuse every call until the next
+/// round. Leaves no connection behind after a failure.
+async fn probe_round(conn: &mut Option<PgConnection>, pool: &PgPool, timeout: Duration) -> bool {
+    let had = conn.is_some();
+    for _ in 0..if had { 2 } else { 1 } {
+        if tokio::time::timeout(timeout, check(conn, pool))
+            .await
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        *conn = None;
+    }
+    false
 }
 
 /// One probe on the probe's own connection (made as the pool's are).
