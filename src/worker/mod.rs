@@ -92,7 +92,7 @@ pub struct Worker {
     /// the last renewal round gave them.
     held: Mutex<HashMap<SagaId, Held>>,
     /// Sagas driven by this process, for local `WaitSaga` callers.
-    local: Mutex<HashMap<SagaId, LocalWatch>>,
+    local: Mutex<LocalWatches>,
     /// Sagas that reached a terminal state here lately: a `WaitSaga` that
     /// arrives just after needs no read.
     recent: Mutex<Recent>,
@@ -118,7 +118,7 @@ impl Worker {
     ) -> Arc<Self> {
         Arc::new(Worker {
             metrics,
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalWatches::default()),
             held: Mutex::new(HashMap::new()),
             recent: Mutex::new(Recent::default()),
             permits: Arc::new(Semaphore::new(cfg.sagas_max.max(1))),
@@ -199,8 +199,7 @@ impl Worker {
             span.record("trace_id", t.trace_id());
         }
         let id = saga.id;
-        let (tx, _) = watch::channel(None);
-        lock(&self.local).insert(id, tx);
+        lock(&self.local).open(id, lease.epoch);
         let held = Held {
             epoch: lease.epoch,
             renewed: None,
@@ -219,7 +218,8 @@ impl Worker {
                 }
                 // Hand a settled saga to local waiters; dropping the sender
                 // tells them to read the database instead.
-                if let Some(tx) = lock(&this.local).remove(&id) {
+                let closed = lock(&this.local).close(id, lease.epoch);
+                if let Some(tx) = closed {
                     if last.state.is_settled() {
                         let last = Arc::new(last);
                         // Only terminal states never change again; a
@@ -241,8 +241,8 @@ impl Worker {
     /// here in the last few seconds: a receiver that has or gets its settled
     /// state (and closes if the saga stops being driven here before that).
     pub fn watch_local(&self, id: SagaId) -> Option<watch::Receiver<Option<Arc<Saga>>>> {
-        if let Some(tx) = lock(&self.local).get(&id) {
-            return Some(tx.subscribe());
+        if let Some(rx) = lock(&self.local).subscribe(id) {
+            return Some(rx);
         }
         let recent = lock(&self.recent);
         let saga = recent.by_id.get(&id)?.clone();
@@ -620,6 +620,31 @@ impl Worker {
 
 type LocalWatch = watch::Sender<Option<Arc<Saga>>>;
 
+/// The sagas drivers here hold, each under the epoch of its lease, for
+/// local waiters. A later claim of the same saga here replaces the entry
+/// (the earlier waiters' channel closes: they read the database); the
+/// earlier driver ending leaves the later one's entry alone.
+#[derive(Default)]
+struct LocalWatches(HashMap<SagaId, (i64, LocalWatch)>);
+
+impl LocalWatches {
+    fn open(&mut self, id: SagaId, epoch: i64) {
+        self.0.insert(id, (epoch, watch::channel(None).0));
+    }
+
+    /// The channel of the driver of `epoch`, if it is still the one here.
+    fn close(&mut self, id: SagaId, epoch: i64) -> Option<LocalWatch> {
+        match self.0.get(&id) {
+            Some((e, _)) if *e == epoch => self.0.remove(&id).map(|(_, tx)| tx),
+            _ => None,
+        }
+    }
+
+    fn subscribe(&self, id: SagaId) -> Option<watch::Receiver<Option<Arc<Saga>>>> {
+        self.0.get(&id).map(|(_, tx)| tx.subscribe())
+    }
+}
+
 /// A lease a driver here holds.
 struct Held {
     epoch: i64,
@@ -653,4 +678,30 @@ fn log_events(events: &[EventRecord]) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_driver_ending_leaves_a_later_claims_waiters_alone() {
+        let id = SagaId(uuid::Uuid::nil());
+        let mut w = LocalWatches::default();
+        w.open(id, 1);
+        let early = w.subscribe(id).expect("watched");
+        // Claimed again here (the first driver still ending).
+        w.open(id, 2);
+        let late = w.subscribe(id).expect("watched");
+        assert!(
+            early.has_changed().is_err(),
+            "the earlier waiters read the database"
+        );
+        assert!(w.close(id, 1).is_none(), "the earlier driver ends");
+        assert!(late.has_changed().is_ok(), "the later waiters still wait");
+        assert!(w.subscribe(id).is_some());
+        let tx = w.close(id, 2).expect("the later driver's channel");
+        drop(tx);
+        assert!(w.subscribe(id).is_none());
+    }
 }
