@@ -40,6 +40,22 @@ fn instance<'a>(pools: &'a serde_json::Value, endpoint: &str) -> &'a serde_json:
         .unwrap()
 }
 
+/// A coordinator on `cfg` with definition "one": one step `s` at
+/// participant `svc`; a client of it.
+async fn with_one_step(
+    cfg: saga_coordinator::config::Config,
+    idempotent: bool,
+) -> (TestCoordinator, Client) {
+    let coord = TestCoordinator::start(cfg).await;
+    let mut c = coord.client().await;
+    register(
+        &mut c,
+        definition("one", vec![step("s", "svc", idempotent, true)]),
+    )
+    .await;
+    (coord, c)
+}
+
 /// Ten sagas one after another over two instances, the first call to
 /// instance `a` held: how many calls each instance got.
 async fn spread(policy: Policy) -> (usize, usize) {
@@ -51,13 +67,7 @@ async fn spread(policy: Policy) -> (usize, usize) {
     let mut cfg = test_config(&db);
     cfg.participants = vec![("svc".into(), url_a), ("svc".into(), url_b)];
     cfg.participant_balance = vec![("svc".into(), policy)];
-    let coord = TestCoordinator::start(cfg).await;
-    let mut c = coord.client().await;
-    register(
-        &mut c,
-        definition("one", vec![step("s", "svc", true, true)]),
-    )
-    .await;
+    let (coord, mut c) = with_one_step(cfg, true).await;
     for k in 1..=10 {
         let a_before = a.calls().len();
         let saga = start(&mut c, "one", "{}").await;
@@ -105,13 +115,7 @@ async fn an_unreached_instance_is_passed_over_and_its_breaker_opens_and_closes()
     ];
     cfg.participant_breaker_failures = 2;
     cfg.participant_breaker_open_ms = 300;
-    let coord = TestCoordinator::start(cfg).await;
-    let mut c = coord.client().await;
-    register(
-        &mut c,
-        definition("one", vec![step("s", "svc", false, true)]),
-    )
-    .await;
+    let (coord, mut c) = with_one_step(cfg, false).await;
     for _ in 0..6 {
         let saga = start(&mut c, "one", "{}").await;
         let done = wait(&mut c, &saga.saga_id).await;
@@ -203,13 +207,7 @@ async fn one_slow_participant(
     let mut cfg = test_config(&db);
     cfg.participants = vec![("svc".into(), url)];
     tweak(&mut cfg);
-    let coord = TestCoordinator::start(cfg).await;
-    let mut c = coord.client().await;
-    register(
-        &mut c,
-        definition("one", vec![step("s", "svc", true, true)]),
-    )
-    .await;
+    let (coord, _) = with_one_step(cfg, true).await;
     (db, slow, coord)
 }
 

@@ -126,13 +126,7 @@ async fn while_the_database_is_away_calls_fail_fast_and_all_resumes_after() {
     register(&mut c, definition("ab", ab)).await;
     let (gate, gate_rx) = tokio::sync::watch::channel(false);
     svc.script("b.do", vec![Reply::Block(gate_rx, "{}".into())]);
-    let before = c
-        .start_saga(request())
-        .await
-        .unwrap()
-        .into_inner()
-        .saga
-        .unwrap();
+    let before = start(&mut c, "ab", "{}").await;
     svc.wait_calls("b.do", 1).await;
 
     pg.stop("fast");
@@ -152,21 +146,13 @@ async fn while_the_database_is_away_calls_fail_fast_and_all_resumes_after() {
 
     pg.start();
     until_ready_is(&coord, 200).await;
-    let after = c
-        .start_saga(request())
-        .await
-        .unwrap()
-        .into_inner()
-        .saga
-        .unwrap();
-    assert_eq!(
-        state(&wait(&mut c, &after.saga_id).await),
-        SagaState::Completed
-    );
-    assert_eq!(
-        state(&wait(&mut c, &before.saga_id).await),
-        SagaState::Completed
-    );
+    let after = start(&mut c, "ab", "{}").await;
+    for saga in [after, before] {
+        assert_eq!(
+            state(&wait(&mut c, &saga.saga_id).await),
+            SagaState::Completed
+        );
+    }
     coord.shutdown().await;
 }
 

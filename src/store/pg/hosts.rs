@@ -262,8 +262,8 @@ pub async fn watch(
 /// connection, and a false "away" would refuse every call until the next
 /// round. Leaves no connection behind after a failure.
 async fn probe_round(conn: &mut Option<PgConnection>, pool: &PgPool, timeout: Duration) -> bool {
-    let had = conn.is_some();
-    for _ in 0..if had { 2 } else { 1 } {
+    let tries = if conn.is_some() { 2 } else { 1 };
+    for _ in 0..tries {
         if tokio::time::timeout(timeout, check(conn, pool))
             .await
             .unwrap_or(false)
