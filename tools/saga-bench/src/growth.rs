@@ -94,10 +94,10 @@ fn sibling_url(url: &str, suffix: &str) -> anyhow::Result<String> {
         None => (url, None),
     };
     let Some((head, db)) = base.rsplit_once('/') else {
-        bail!("--database-url {url:?} names no database");
+        bail!("--database-url names no database (postgres://HOST/NAME)");
     };
     if db.is_empty() || head.ends_with('/') {
-        bail!("--database-url {url:?} names no database");
+        bail!("--database-url names no database (postgres://HOST/NAME)");
     }
     Ok(match query {
         Some(q) => format!("{head}/{db}{suffix}?{q}"),
@@ -226,7 +226,9 @@ mod tests {
             url("postgres://h1:5432,h2:5433/b?target_session_attrs=read-write"),
             "postgres://h1:5432,h2:5433/b_grown?target_session_attrs=read-write"
         );
-        assert!(sibling_url("postgres://127.0.0.1:5432/", "_grown").is_err());
+        let e = sibling_url("postgres://u:secret@127.0.0.1:5432/", "_grown")
+            .expect_err("no database name");
+        assert!(!e.to_string().contains("secret"), "{e}");
         assert!(sibling_url("postgres://127.0.0.1:5432", "_grown").is_err());
     }
 
