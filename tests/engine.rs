@@ -256,6 +256,34 @@ async fn unknown_outcome_at_or_after_the_pivot_suspends(store: Store) {
     assert_eq!(saga.steps[2].attempts, 3);
 }
 
+/// "Not now" speaks for one attempt: after an unknown outcome the pivot may
+/// still have taken effect (that attempt may land late), so running out of
+/// attempts on "not now" suspends instead of compensating around it.
+async fn not_now_after_an_unknown_pivot_suspends(store: Store) {
+    let mut e = env(store).await;
+    let def = definition(
+        "piv2",
+        vec![step("a", "svc", true, true), step("p", "svc", false, true)],
+    );
+    register(&mut e.client, def).await;
+    e.svc.script(
+        "p.do",
+        vec![
+            Reply::Status(Code::Unavailable),
+            Reply::Retry("busy".into()),
+            Reply::Retry("busy".into()),
+        ],
+    );
+    let saga = start(&mut e.client, "piv2", "{}").await;
+    let saga = wait(&mut e.client, &saga.saga_id).await;
+    assert_eq!(state(&saga), SagaState::Suspended, "{}", saga.error);
+    assert!(saga.error.contains("outcome is unknown"), "{}", saga.error);
+    assert!(
+        e.svc.calls_to("a.undo").is_empty(),
+        "a pivot that may have applied is never compensated around"
+    );
+}
+
 async fn refusal_after_the_pivot_suspends(store: Store) {
     let mut e = env(store).await;
     let def = definition(
@@ -777,6 +805,7 @@ on_both_stores!(
     unknown_outcome_of_non_idempotent_step_compensates_it_too,
     unknown_outcome_with_budget_spent_compensates_it_too,
     unknown_outcome_at_or_after_the_pivot_suspends,
+    not_now_after_an_unknown_pivot_suspends,
     refusal_after_the_pivot_suspends,
     misconfiguration_codes_suspend_at_once,
     compensation_answers_follow_the_table,

@@ -585,7 +585,10 @@ impl Draft<'_> {
 
     /// "Not now, nothing done": retried under the policy even when not
     /// idempotent; out of budget, the saga compensates (or suspends past the
-    /// pivot).
+    /// pivot). "Nothing done" speaks for this attempt only: when an earlier
+    /// one's outcome is unknown the step may still have taken effect (that
+    /// attempt may yet arrive and apply), so the pivot suspends like any
+    /// unknown pivot, and a compensatable step is compensated with the rest.
     fn action_not_now(&mut self, a: &ActionAttempt, err: String) -> Result<(), TransitionError> {
         if a.budget_left {
             let step = &mut self.saga.steps[a.i];
@@ -602,6 +605,11 @@ impl Draft<'_> {
             return self.suspend(why);
         }
         self.action_attempt_failed(a, &err);
+        if a.maybe_applied_before && a.kind == StepKind::Pivot {
+            return self.suspend(format!(
+                "{why}; an earlier attempt's outcome is unknown, so the pivot may have taken effect"
+            ));
+        }
         if !a.maybe_applied_before {
             self.saga.steps[a.i].state = StepState::Failed;
         }

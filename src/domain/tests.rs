@@ -151,6 +151,46 @@ fn backoff_waits_and_the_deadline_caps_them() {
     assert_eq!(s.state, SagaState::Compensated, "nothing had taken effect");
 }
 
+/// "Not now" answers a step's last attempts after an earlier attempt's
+/// outcome was unknown: that attempt may still apply, so the budget running
+/// out does not mean "nothing took effect".
+#[test]
+fn not_now_after_an_unknown_attempt_keeps_the_step_maybe_applied() {
+    let unknown = || CallResult::Transient("DEADLINE_EXCEEDED".into());
+    let not_now = || CallResult::Retry("busy".into());
+    let run = |kinds: &str, first: CallResult| {
+        let d = def(kinds);
+        let s = apply(&saga(&d), &d, invoked(0, Phase::Action, 1, ok()));
+        let s = apply(&s, &d, invoked(1, Phase::Action, 1, first));
+        let s = apply(&s, &d, invoked(1, Phase::Action, 2, not_now()));
+        apply(&s, &d, invoked(1, Phase::Action, 3, not_now()))
+    };
+
+    let pivot = run("cp", unknown());
+    assert_eq!(
+        pivot.state,
+        SagaState::Suspended,
+        "the pivot may have applied"
+    );
+    assert!(pivot
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("outcome is unknown")));
+
+    let compensatable = run("cc", unknown());
+    assert_eq!(compensatable.state, SagaState::Compensating);
+    assert_eq!(
+        next_compensation(&compensatable, &def("cc")),
+        Some(1),
+        "the step that may have applied is compensated first"
+    );
+
+    let nothing_done = run("cp", not_now());
+    assert_eq!(nothing_done.state, SagaState::Compensating);
+    assert_eq!(nothing_done.steps[1].state, StepState::Failed);
+    assert_eq!(next_compensation(&nothing_done, &def("cp")), Some(0));
+}
+
 #[test]
 fn terminal_states_absorb_and_stale_facts_are_refused() {
     let d = def("c");

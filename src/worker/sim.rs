@@ -243,11 +243,12 @@ impl World {
             }
         }
         let applied_before = self.effects.get(&(step, phase)).copied().unwrap_or(0) > 0;
-        // An unknown outcome that did apply: the barrier holds the success.
+        // An unknown outcome that did apply: the barrier holds the success,
+        // and a refusal is the business's own answer, the same every time.
+        // "Not now" may come first (a handler shedding load before its
+        // barrier), after an earlier attempt applied.
         let result = match drawn {
-            CallResult::Failed(_) | CallResult::Retry(_) if idempotent && applied_before => {
-                CallResult::Succeeded(None)
-            }
+            CallResult::Failed(_) if idempotent && applied_before => CallResult::Succeeded(None),
             other => other,
         };
         if idempotent && matches!(result, CallResult::Succeeded(_)) {
