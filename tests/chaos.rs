@@ -47,7 +47,8 @@ const ACCOUNTS: i64 = 10;
 const OPENING: i64 = 1_000;
 const LEASE_MS: u64 = 2_000;
 const STEP_TIMEOUT: Duration = Duration::from_millis(1_000);
-const CALLERS: usize = 8;
+/// Callers, each with one transfer in flight at a time.
+const CALLERS: usize = 96;
 /// Transfers started at most per second of `SAGA_CHAOS_SECS` (a bound the
 /// load does not reach on this kind of machine).
 const TRANSFERS_PER_SEC_MAX: u64 = 250;
@@ -647,47 +648,119 @@ fn pick(coords: &Arc<Mutex<Vec<Coord>>>) -> usize {
     rand::random_range(0..coords.lock().unwrap().len())
 }
 
-/// Starts transfers through any live coordinator until `stop`; a start
-/// that fails is retried under the same id (starts are idempotent by id).
+/// One caller: starts a transfer through any live coordinator, waits for
+/// it to settle, starts the next, until `stop` or the shared budget is
+/// spent. Closed loops keep at most [`CALLERS`] transfers in flight, so the
+/// load is the same on a slow machine as on a fast one (an open loop there
+/// piles up a backlog whose calls all time out). Returns the ids of the
+/// acknowledged starts.
 async fn caller(
     coords: Arc<Mutex<Vec<Coord>>>,
     stop: Arc<AtomicBool>,
     (n, max): (Arc<AtomicU64>, u64),
 ) -> Vec<String> {
     let mut acked = Vec::new();
+    let mut to = Clients {
+        coords,
+        open: HashMap::new(),
+    };
     while !stop.load(Ordering::Relaxed) && n.fetch_add(1, Ordering::Relaxed) < max {
         let id = uuid::Uuid::new_v4().to_string();
-        let t = Transfer {
-            from: rand::random_range(0..ACCOUNTS),
-            to: rand::random_range(0..ACCOUNTS),
-            amount: rand::random_range(1..50),
-            frozen: rand::random_range(0..10) == 0,
-        };
-        for _ in 0..20 {
-            let addr = {
-                let all = coords.lock().unwrap();
-                all[rand::random_range(0..all.len())].grpc.clone()
-            };
-            let req = proto::StartSagaRequest {
-                definition: "transfer".into(),
-                saga_id: id.clone(),
-                input_json: serde_json::to_string(&t).unwrap(),
-                ..Default::default()
-            };
-            let started = async {
-                let mut c = common::client_at_checked(&addr).await?;
-                c.start_saga(req).await.ok()
-            };
-            match tokio::time::timeout(Duration::from_secs(5), started).await {
-                Ok(Some(_)) => {
-                    acked.push(id.clone());
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        if start_transfer(&mut to, &id).await {
+            acked.push(id.clone());
+            settle(&mut to, &id).await;
         }
     }
     acked
+}
+
+/// A caller's connections to the coordinators, reopened after a failure.
+struct Clients {
+    coords: Arc<Mutex<Vec<Coord>>>,
+    open: HashMap<String, common::Client>,
+}
+
+impl Clients {
+    /// Calls `f` on any live coordinator, within `limit`; `None` if the
+    /// call failed (that connection is then dropped) or took too long.
+    async fn call<T, F, Fut>(&mut self, limit: Duration, f: F) -> Option<T>
+    where
+        F: FnOnce(common::Client) -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let addr = {
+            let all = self.coords.lock().unwrap();
+            all[rand::random_range(0..all.len())].grpc.clone()
+        };
+        let client = match self.open.get(&addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = tokio::time::timeout(limit, common::client_at_checked(&addr))
+                    .await
+                    .ok()??;
+                self.open.insert(addr.clone(), c.clone());
+                c
+            }
+        };
+        let out = tokio::time::timeout(limit, f(client)).await.ok().flatten();
+        if out.is_none() {
+            self.open.remove(&addr);
+        }
+        out
+    }
+}
+
+/// Starts one random transfer under `id`; a start that fails is retried
+/// under the same id (starts are idempotent by id), 20 times at most.
+async fn start_transfer(to: &mut Clients, id: &str) -> bool {
+    let t = Transfer {
+        from: rand::random_range(0..ACCOUNTS),
+        to: rand::random_range(0..ACCOUNTS),
+        amount: rand::random_range(1..50),
+        frozen: rand::random_range(0..10) == 0,
+    };
+    for _ in 0..20 {
+        let req = proto::StartSagaRequest {
+            definition: "transfer".into(),
+            saga_id: id.to_owned(),
+            input_json: serde_json::to_string(&t).unwrap(),
+            ..Default::default()
+        };
+        let started = to
+            .call(Duration::from_secs(5), |mut c| async move {
+                c.start_saga(req).await.ok()
+            })
+            .await;
+        if started.is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Waits (WaitSaga, through any live coordinator) until the saga settles
+/// or is suspended, 60 s at most; a coordinator killed under the wait is
+/// replaced by another.
+async fn settle(to: &mut Clients, id: &str) {
+    let until = Instant::now() + Duration::from_secs(60);
+    let in_flight = [proto::SagaState::Running, proto::SagaState::Compensating];
+    while Instant::now() < until {
+        let req = proto::WaitSagaRequest {
+            saga_id: id.to_owned(),
+            timeout: Some(common::ms(5_000)),
+        };
+        let waited = to
+            .call(Duration::from_secs(10), |mut c| async move {
+                c.wait_saga(req).await.ok()?.into_inner().saga
+            })
+            .await;
+        match waited {
+            Some(saga) if !in_flight.iter().any(|s| *s as i32 == saga.state) => return,
+            Some(_) => {}
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// What the books say.
@@ -732,7 +805,7 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
             v.push(format!("saga {id} ended {s}"));
         }
     }
-    ledgers(a, b, &mut v).await;
+    ledgers(a, b, &states, &mut v).await;
     let suspended = books(sagad, a, b, &states, &mut v).await;
     history(sagad, &mut v).await;
     Report {
@@ -744,24 +817,41 @@ async fn check(sagad: &PgPool, a: &PgPool, b: &PgPool, acked: &[String]) -> Repo
     }
 }
 
-/// Money conserved; no (saga, step, phase) applied twice; no action after
-/// its compensation.
-async fn ledgers(a: &PgPool, b: &PgPool, v: &mut Vec<String>) {
-    let total = |p: &PgPool| {
-        let p = p.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT sum(balance)::bigint FROM accounts")
-                .fetch_one(&p)
+/// Money conserved: each bank's balances moved exactly as its ledger says
+/// (they are written in one transaction), and every saga that ended moved
+/// nothing in sum across both banks — only a suspended one may hold money
+/// (debited, not yet credited or refunded). No (saga, step, phase) applied
+/// twice; no action after its compensation.
+async fn ledgers(a: &PgPool, b: &PgPool, states: &HashMap<String, String>, v: &mut Vec<String>) {
+    let mut moved: HashMap<String, i64> = HashMap::new();
+    for (name, p) in [("bank_a", a), ("bank_b", b)] {
+        let balances: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
+            .fetch_one(p)
+            .await
+            .unwrap();
+        let per_saga: Vec<(String, i64)> =
+            sqlx::query_as("SELECT saga, sum(amount)::bigint FROM ledger GROUP BY saga")
+                .fetch_all(p)
                 .await
-                .unwrap()
+                .unwrap();
+        let booked: i64 = per_saga.iter().map(|(_, m)| m).sum();
+        if balances - (ACCOUNTS + 1) * OPENING != booked {
+            v.push(format!(
+                "{name}: balances moved by {} but the ledger books {booked}",
+                balances - (ACCOUNTS + 1) * OPENING
+            ));
         }
-    };
-    let money = total(a).await + total(b).await;
-    if money != 2 * (ACCOUNTS + 1) * OPENING {
-        v.push(format!(
-            "money not conserved: {money} against {}",
-            2 * (ACCOUNTS + 1) * OPENING
-        ));
+        for (saga, m) in per_saga {
+            *moved.entry(saga).or_default() += m;
+        }
+    }
+    for (saga, m) in moved {
+        let state = states.get(&saga).map_or("unknown", String::as_str);
+        if m != 0 && state != "SUSPENDED" {
+            v.push(format!(
+                "money not conserved: saga {saga}, {state}, moved {m}"
+            ));
+        }
     }
     // No key applied twice; no action after its compensation.
     for (name, p) in [("bank_a", a), ("bank_b", b)] {
