@@ -8,7 +8,9 @@
 //!   callers ──StartSaga──▶ sagad ×3 ──▶ bank-a: debit / refund     (db bank_a)
 //!      (any live one)        │  │  └──▶ bank-b: credit (pivot;    (db bank_b)
 //!                            │  │              refuses frozen accounts)
-//!                            │  └─────▶ notify (after the pivot)   (db bank_b)
+//!                            │  └─────▶ notify (after the pivot;   (db bank_b)
+//!                            │          one in five takes 0.5–4 s,
+//!                            │          past the 2 s lease)
 //!                            └─ db sagad            all on one private cluster
 //!   chaos, a round every 2 s: SIGKILL + restart a coordinator │ SIGSTOP one
 //!   past its lease, then SIGCONT │ restart a participant; PostgreSQL
@@ -47,6 +49,9 @@ const ACCOUNTS: i64 = 10;
 const OPENING: i64 = 1_000;
 const LEASE_MS: u64 = 2_000;
 const STEP_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Notify's timeout, far past the lease: its calls are covered by the
+/// background renewal.
+const NOTIFY_TIMEOUT: Duration = Duration::from_millis(6_000);
 /// Callers, each with one transfer in flight at a time.
 const CALLERS: usize = 96;
 /// Transfers started at most per second of `SAGA_CHAOS_SECS` (a bound the
@@ -59,6 +64,9 @@ struct Transfer {
     to: i64,
     amount: i64,
     frozen: bool,
+    /// How long notify takes (most transfers: 0): such sagas are held
+    /// through calls that outlive the lease, so a kill always finds some.
+    slow_ms: u64,
 }
 
 /// What the participants did wrong on purpose.
@@ -88,7 +96,11 @@ impl Faults {
             }
             5..=6 => {
                 self.hung.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(STEP_TIMEOUT + Duration::from_millis(500)).await;
+                let left = ctx
+                    .deadline
+                    .and_then(|d| d.duration_since(std::time::SystemTime::now()).ok())
+                    .unwrap_or(STEP_TIMEOUT);
+                tokio::time::sleep(left + Duration::from_millis(500)).await;
                 Ok(())
             }
             _ => Ok(()),
@@ -189,10 +201,11 @@ fn bank_b(b: Barrier, f: Arc<Faults>) -> Participant {
                 f.after()
             }
         })
-        .action("notify", move |ctx, _: Transfer| {
+        .action("notify", move |ctx, t: Transfer| {
             let (b, f) = (b2.clone(), f2.clone());
             async move {
                 f.before(&ctx).await?;
+                tokio::time::sleep(Duration::from_millis(t.slow_ms)).await;
                 {
                     let e = entry(&ctx);
                     b.action(&ctx, move |c| Box::pin(ledger(c, e, 0, 0)))
@@ -331,7 +344,7 @@ fn definition() -> SagaDefinition {
             Step::new("notify", "bank-b")
                 .action("notify")
                 .idempotent()
-                .timeout(STEP_TIMEOUT)
+                .timeout(NOTIFY_TIMEOUT)
                 .retry(retry(1_000)),
         )
         .build()
@@ -718,6 +731,11 @@ async fn start_transfer(to: &mut Clients, id: &str) -> bool {
         to: rand::random_range(0..ACCOUNTS),
         amount: rand::random_range(1..50),
         frozen: rand::random_range(0..10) == 0,
+        slow_ms: if rand::random_range(0..5) == 0 {
+            rand::random_range(500..4_000)
+        } else {
+            0
+        },
     };
     for _ in 0..20 {
         let req = proto::StartSagaRequest {
