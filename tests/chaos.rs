@@ -129,9 +129,10 @@ fn entry(ctx: &saga_sdk::StepContext) -> Entry {
     (ctx.saga_id.to_string(), ctx.step.clone(), phase)
 }
 
+/// Moves `delta` on `account` and books it, in the barrier's transaction.
 async fn ledger(
     c: &mut sqlx::PgConnection,
-    (saga, step, phase): Entry,
+    e: Entry,
     account: i64,
     delta: i64,
 ) -> Result<(), StepError> {
@@ -140,6 +141,16 @@ async fn ledger(
         .bind(delta)
         .execute(&mut *c)
         .await?;
+    book(c, e, delta).await
+}
+
+/// Books an entry (notify's: no account moves, so notifies do not queue on
+/// one account's row lock).
+async fn book(
+    c: &mut sqlx::PgConnection,
+    (saga, step, phase): Entry,
+    delta: i64,
+) -> Result<(), StepError> {
     sqlx::query("INSERT INTO ledger (saga, step, phase, amount) VALUES ($1, $2, $3, $4)")
         .bind(saga)
         .bind(step)
@@ -208,8 +219,7 @@ fn bank_b(b: Barrier, f: Arc<Faults>) -> Participant {
                 tokio::time::sleep(Duration::from_millis(t.slow_ms)).await;
                 {
                     let e = entry(&ctx);
-                    b.action(&ctx, move |c| Box::pin(ledger(c, e, 0, 0)))
-                        .await?;
+                    b.action(&ctx, move |c| Box::pin(book(c, e, 0))).await?;
                 }
                 f.after()
             }
