@@ -467,23 +467,14 @@ async fn chaos() {
         .violations
         .extend(overlaps(&faults.arrivals.lock().unwrap()));
     let (summary, max) = summary(&report, &done, &faults);
-    println!("{summary}");
+    let details = details(&report);
+    println!("{summary}\n{details}");
     // Kept where `scripts/test` prints it after the run (test output is
-    // captured).
+    // captured), so that a passing run's suspensions are explained too.
     let _ = std::fs::write(
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.txt"),
-        format!("{summary}\n"),
+        format!("{summary}\n{details}"),
     );
-    // Violations first: a failing run's output is cut short.
-    for v in report.violations.iter().take(20) {
-        println!("  violation: {v}");
-    }
-    for s in report.suspended.iter().take(20) {
-        println!("  suspended: {s}");
-    }
-    if report.suspended.len() > 20 {
-        println!("  … and {} more suspended", report.suspended.len() - 20);
-    }
     assert!(
         report.violations.is_empty(),
         "{} violations, the first: {:#?}",
@@ -648,6 +639,25 @@ fn summary(report: &Report, done: &Done, faults: &Faults) -> (String, u64) {
         report.violations.len(),
     );
     (line, max)
+}
+
+/// Up to 20 violations, then up to 20 suspended sagas with their reasons,
+/// a line each (violations first: a failing run's output is cut short).
+fn details(report: &Report) -> String {
+    let mut out = String::new();
+    for v in report.violations.iter().take(20) {
+        out.push_str(&format!("  violation: {v}\n"));
+    }
+    for s in report.suspended.iter().take(20) {
+        out.push_str(&format!("  suspended: {s}\n"));
+    }
+    if report.suspended.len() > 20 {
+        out.push_str(&format!(
+            "  … and {} more suspended\n",
+            report.suspended.len() - 20
+        ));
+    }
+    out
 }
 
 /// No saga driven by two coordinators at once: once a call of a newer
