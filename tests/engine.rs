@@ -115,6 +115,27 @@ async fn refusal_compensates_earlier_steps_in_reverse_not_the_refused_one(store:
     );
 }
 
+/// After an unknown outcome, a refusal does not prove the step never took
+/// effect (the earlier attempt may still land): it is compensated too.
+async fn refusal_after_an_unknown_outcome_compensates_the_refused_step_too(store: Store) {
+    let mut e = env(store).await;
+    register(&mut e.client, abc()).await;
+    e.svc.script(
+        "c.do",
+        vec![
+            Reply::Status(Code::DeadlineExceeded),
+            Reply::Fail("card declined".into()),
+        ],
+    );
+    let saga = start(&mut e.client, "abc", "{}").await;
+    let saga = wait(&mut e.client, &saga.saga_id).await;
+    assert_eq!(state(&saga), SagaState::Compensated);
+    assert_eq!(
+        e.svc.handlers(),
+        vec!["a.do", "b.do", "c.do", "c.do", "c.undo", "b.undo", "a.undo"]
+    );
+}
+
 async fn outcome_retry_is_retried_even_when_not_idempotent(store: Store) {
     let mut e = env(store).await;
     let mut def = abc();
@@ -798,6 +819,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     happy_path_passes_input_and_outputs_forward,
     refusal_compensates_earlier_steps_in_reverse_not_the_refused_one,
+    refusal_after_an_unknown_outcome_compensates_the_refused_step_too,
     outcome_retry_is_retried_even_when_not_idempotent,
     outcome_retry_budget_spent_compensates_earlier_steps_only,
     transient_errors_are_retried_for_idempotent_steps,

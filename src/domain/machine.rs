@@ -566,7 +566,11 @@ impl Draft<'_> {
     /// participant whose earlier attempt applied would have answered that
     /// attempt's result instead), so the step FAILED and the saga
     /// compensates — unless the step is past the pivot, where refusing is not
-    /// allowed.
+    /// allowed. One caution: after an earlier attempt's unknown outcome a
+    /// compensatable step is compensated too. That attempt may still be on
+    /// its way (it hung before the participant's barrier, and the refusal
+    /// was decided outside it); a compensation of an action that never took
+    /// effect is harmless, and the barrier then turns that attempt away.
     fn action_refused(&mut self, a: &ActionAttempt, err: String) -> Result<(), TransitionError> {
         if a.kind == StepKind::Retriable {
             self.action_attempt_failed(a, &err);
@@ -575,9 +579,12 @@ impl Draft<'_> {
                 a.name
             ));
         }
+        let compensate_it = a.maybe_applied_before && a.kind == StepKind::Compensatable;
         let step = &mut self.saga.steps[a.i];
         step.last_error = Some(err.clone());
-        step.state = StepState::Failed;
+        if !compensate_it {
+            step.state = StepState::Failed;
+        }
         self.event(EventKind::StepFailed, Some(a.i), a.attempt, err.clone());
         self.begin_compensation(format!("step {:?} failed: {err}", a.name));
         Ok(())

@@ -191,6 +191,29 @@ fn not_now_after_an_unknown_attempt_keeps_the_step_maybe_applied() {
     assert_eq!(next_compensation(&nothing_done, &def("cp")), Some(0));
 }
 
+/// A refusal after an earlier unknown attempt: the refused step is
+/// compensated too when it can be (the unknown attempt may still land; the
+/// compensation is harmless if it never does); the pivot trusts the refusal.
+#[test]
+fn a_refusal_after_an_unknown_attempt_compensates_a_compensatable_step_too() {
+    let refused = |kinds: &str| {
+        let d = def(kinds);
+        let s = apply(&saga(&d), &d, invoked(0, Phase::Action, 1, ok()));
+        let unknown = CallResult::Transient("DEADLINE_EXCEEDED".into());
+        let s = apply(&s, &d, invoked(1, Phase::Action, 1, unknown));
+        let no = CallResult::Failed("insufficient funds".into());
+        (apply(&s, &d, invoked(1, Phase::Action, 2, no)), d)
+    };
+    let (s, d) = refused("cc");
+    assert_eq!(s.state, SagaState::Compensating);
+    assert_eq!(next_compensation(&s, &d), Some(1));
+
+    let (s, d) = refused("cp");
+    assert_eq!(s.state, SagaState::Compensating);
+    assert_eq!(s.steps[1].state, StepState::Failed);
+    assert_eq!(next_compensation(&s, &d), Some(0));
+}
+
 #[test]
 fn terminal_states_absorb_and_stale_facts_are_refused() {
     let d = def("c");
