@@ -219,9 +219,9 @@ struct World {
     /// The barrier's record of a compensation per step: a later action of
     /// that step is refused (no hanging).
     barrier: Vec<bool>,
-    /// The barrier's success per idempotent (step, phase): a duplicate gets
-    /// it back with no second effect. (A refusal is not recorded: the SDK's
-    /// barrier rolls its record back with the handler's work.)
+    /// The barrier's success or refusal per idempotent (step, phase): a
+    /// duplicate gets it back with no second effect (the SDK's barrier
+    /// records a refusal too, undoing the handler's work).
     first: HashMap<(usize, Phase), CallResult>,
     compensation_began: bool,
 }
@@ -251,7 +251,7 @@ impl World {
             CallResult::Failed(_) if idempotent && applied_before => CallResult::Succeeded(None),
             other => other,
         };
-        if idempotent && matches!(result, CallResult::Succeeded(_)) {
+        if idempotent && matches!(result, CallResult::Succeeded(_) | CallResult::Failed(_)) {
             self.first.insert((step, phase), result.clone());
         }
         let applies = match result {

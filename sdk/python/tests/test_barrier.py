@@ -96,6 +96,52 @@ def test_duplicates_null_compensation_and_no_hanging(db: str) -> None:
     assert [e for e in effects(db) if e[0] == str(third)] == []
 
 
+def test_a_refusal_is_recorded_for_every_later_attempt_and_compensates_nothing(db: str) -> None:
+    b = Barrier(db)
+    saga = uuid.uuid4()
+
+    def refuses(conn: psycopg.Connection[Any]) -> str:
+        conn.execute("INSERT INTO effects VALUES (%s, 'booked')", (str(saga),))
+        raise Refused("insufficient funds")
+
+    with pytest.raises(Refused, match="insufficient funds"):
+        b.action(ctx(saga, Phase.ACTION), refuses)
+    assert effects(db) == [], "the refused work is undone"
+    # A later attempt (one that hung before the barrier, say) gets the same
+    # refusal without running.
+    with pytest.raises(Refused, match="insufficient funds"):
+        b.action(ctx(saga, Phase.ACTION, attempt=2), lambda conn: "booked")
+
+    def cancel(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("INSERT INTO effects VALUES (%s, 'cancelled')", (str(saga),))
+
+    b.compensation(ctx(saga, Phase.COMPENSATION), cancel)
+    assert effects(db) == [], "nothing to undo"
+
+
+async def test_async_refusal_is_recorded(db: str) -> None:
+    b = AsyncBarrier(db)
+    saga = uuid.uuid4()
+
+    async def refuses(conn: psycopg.AsyncConnection[Any]) -> str:
+        await conn.execute("INSERT INTO effects VALUES (%s, 'booked')", (str(saga),))
+        raise Refused("card declined")
+
+    async def books(conn: psycopg.AsyncConnection[Any]) -> str:
+        await conn.execute("INSERT INTO effects VALUES (%s, 'booked')", (str(saga),))
+        return "booked"
+
+    async def cancel(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute("INSERT INTO effects VALUES (%s, 'cancelled')", (str(saga),))
+
+    with pytest.raises(Refused, match="card declined"):
+        await b.action(ctx(saga, Phase.ACTION), refuses)
+    with pytest.raises(Refused, match="card declined"):
+        await b.action(ctx(saga, Phase.ACTION, attempt=2), books)
+    await b.compensation(ctx(saga, Phase.COMPENSATION), cancel)
+    assert effects(db) == []
+
+
 def test_racing_duplicates_on_two_connections_have_one_effect(db: str) -> None:
     b = Barrier(db)
     saga = uuid.uuid4()

@@ -11,17 +11,25 @@
 //! - a compensation whose action never ran succeeds as a no-op and is
 //!   recorded (*null compensation*);
 //! - an action that arrives after its compensation is refused as a business
-//!   failure (no *hanging* reservation that nobody will ever release).
+//!   failure (no *hanging* reservation that nobody will ever release);
+//! - a refusal (`StepError::Refused` from `f`) undoes `f`'s work but is
+//!   recorded: every later attempt of the step gets the same refusal
+//!   without running `f` (one that hung before reaching the barrier cannot
+//!   decide differently), and its compensation is a no-op.
 //!
 //! ```text
-//!  action:        insert action row 'done' ──inserted──▶ run f(tx), store output, commit
+//!  action:        insert action row 'done' ──inserted──▶ savepoint, run f(tx):
+//!                        │                                 ok: store output, commit
+//!                        │                                 refused: undo to the savepoint,
+//!                        │                                   row 'refused' + reason, commit
 //!                        │ conflict (waits for a racing twin to finish)
 //!                        ├─ 'done'    ─▶ return the stored output (no second effect)
+//!                        ├─ 'refused' ─▶ the same refusal
 //!                        └─ 'skipped' ─▶ refused: compensated before it arrived
 //!  compensation:  insert compensation row ──conflict──▶ duplicate: done, no effect
 //!                        │ inserted
 //!                 insert action row 'skipped' ──inserted──▶ null compensation: commit
-//!                        │ conflict: the action ran
+//!                        │ conflict: the action ran, or refused (then: null compensation)
 //!                        └─▶ run f(tx), commit
 //! ```
 //!
@@ -71,6 +79,48 @@ async fn mark(
     .await?
     .rows_affected();
     Ok(inserted == 1)
+}
+
+/// The state of a step's action record (which exists).
+async fn action_state(
+    tx: &mut PgConnection,
+    saga: &str,
+    step: &str,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT state FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action'",
+    )
+    .bind(saga)
+    .bind(step)
+    .fetch_one(tx)
+    .await
+}
+
+/// What a duplicate action answers: the first attempt's result, its
+/// refusal, or a refusal because the compensation came first.
+fn replay<T: DeserializeOwned>(
+    ctx: &StepContext,
+    saga: &str,
+    state: &str,
+    output: Option<String>,
+) -> Result<T, StepError> {
+    match state {
+        "skipped" => Err(StepError::Refused(format!(
+            "step {:?} of saga {saga} was compensated before its action arrived",
+            ctx.step
+        ))),
+        "refused" => Err(StepError::Refused(
+            output.unwrap_or_else(|| "refused".into()),
+        )),
+        _ => {
+            let output = output.unwrap_or_else(|| "null".into());
+            serde_json::from_str(&output).map_err(|e| {
+                StepError::Contract(format!(
+                    "stored output does not fit the handler's type: {e}"
+                ))
+            })
+        }
+    }
 }
 
 /// The barrier over one PostgreSQL pool.
@@ -124,8 +174,9 @@ impl Barrier {
     /// Runs an action's database work `f` at most once per saga step.
     ///
     /// `f` receives the transaction's connection; what it returns is stored
-    /// and returned again to duplicates. A [`StepError`] from `f` rolls
-    /// everything back.
+    /// and returned again to duplicates. A refusal from `f` undoes its work
+    /// and is recorded, returned again to every later attempt; any other
+    /// [`StepError`] from `f` rolls everything back.
     pub async fn action<T, F>(&self, ctx: &StepContext, f: F) -> Result<T, StepError>
     where
         T: Serialize + DeserializeOwned + Send,
@@ -148,30 +199,36 @@ impl Barrier {
             let state: String = row.try_get("state")?;
             let output: Option<String> = row.try_get("output")?;
             tx.rollback().await?;
-            if state == "skipped" {
-                return Err(StepError::Refused(format!(
-                    "step {:?} of saga {saga} was compensated before its action arrived",
-                    ctx.step
-                )));
-            }
-            let output = output.unwrap_or_else(|| "null".into());
-            return serde_json::from_str(&output).map_err(|e| {
-                StepError::Contract(format!(
-                    "stored output does not fit the handler's type: {e}"
-                ))
-            });
+            return replay(ctx, &saga, &state, output);
         }
-        let value = f(&mut tx).await?;
-        let output = serde_json::to_string(&value)
-            .map_err(|e| StepError::Unknown(format!("serializing the output: {e}")))?;
-        sqlx::query("UPDATE saga_barrier SET output = $3 WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
+        // A savepoint: a refusal undoes the handler's work but keeps the
+        // record, so every later attempt of this step gets the same answer.
+        sqlx::query("SAVEPOINT saga_barrier_work")
+            .execute(&mut *tx)
+            .await?;
+        let (state, output, result) = match f(&mut tx).await {
+            Ok(value) => {
+                let output = serde_json::to_string(&value)
+                    .map_err(|e| StepError::Unknown(format!("serializing the output: {e}")))?;
+                ("done", output, Ok(value))
+            }
+            Err(StepError::Refused(why)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT saga_barrier_work")
+                    .execute(&mut *tx)
+                    .await?;
+                ("refused", why.clone(), Err(StepError::Refused(why)))
+            }
+            Err(e) => return Err(e),
+        };
+        sqlx::query("UPDATE saga_barrier SET state = $3, output = $4 WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
             .bind(&saga)
             .bind(&ctx.step)
+            .bind(state)
             .bind(&output)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(value)
+        result
     }
 
     /// Runs a compensation's database work `f` at most once per saga step,
@@ -194,8 +251,10 @@ impl Barrier {
             return Ok(());
         }
         // Blocks while a racing action holds its row, then either sees it
-        // (the action ran: compensate it) or plants 'skipped' (it never will).
-        let null = mark(&mut tx, &saga, &ctx.step, "action", "skipped").await?;
+        // (the action ran: compensate it, unless it refused) or plants
+        // 'skipped' (it never will).
+        let null = mark(&mut tx, &saga, &ctx.step, "action", "skipped").await?
+            || action_state(&mut tx, &saga, &ctx.step).await? == "refused";
         if !null {
             f(&mut tx).await?;
         } else {

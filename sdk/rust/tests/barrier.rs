@@ -293,3 +293,87 @@ async fn purge_deletes_only_records_older_than_the_age_in_batches() {
     // The young record still makes a duplicate harmless.
     assert_eq!(book(&young, &barrier, 2).await.unwrap(), 1);
 }
+
+/// A handler that does its work, then refuses.
+fn books_then_refuses(
+    tx: &mut sqlx::PgConnection,
+) -> futures::future::BoxFuture<'_, Result<u32, StepError>> {
+    async move {
+        sqlx::query("INSERT INTO ledger VALUES ('x', 'pay', 'booked')")
+            .execute(&mut *tx)
+            .await?;
+        Err(StepError::refuse("insufficient funds"))
+    }
+    .boxed()
+}
+
+/// A refusal undoes the handler's work and is recorded: a later attempt
+/// (say one that hung before it reached the barrier) gets the same refusal
+/// without running, and the compensation has nothing to undo.
+#[tokio::test]
+async fn a_refusal_is_recorded_so_every_attempt_gets_it_and_its_compensation_is_a_no_op() {
+    let (_db, pool, barrier) = setup().await;
+    let saga = uuid::Uuid::new_v4();
+    let c = ctx(saga, "pay", Phase::Action);
+    let first = barrier.action(&c, books_then_refuses).await;
+    assert!(
+        matches!(&first, Err(StepError::Refused(m)) if m == "insufficient funds"),
+        "{first:?}"
+    );
+    assert_eq!(
+        ledger(&pool, "booked").await,
+        0,
+        "the refused work is undone"
+    );
+    let again = book(&c, &barrier, 7).await;
+    assert!(
+        matches!(&again, Err(StepError::Refused(m)) if m == "insufficient funds"),
+        "{again:?}"
+    );
+    assert_eq!(
+        ledger(&pool, "booked").await,
+        0,
+        "a later attempt does not run"
+    );
+    cancel(&ctx(saga, "pay", Phase::Compensation), &barrier)
+        .await
+        .unwrap();
+    assert_eq!(ledger(&pool, "cancelled").await, 0, "nothing to undo");
+}
+
+/// A barrier table made before refusals were recorded (its check allowed
+/// only 'done' and 'skipped') is widened by `create_table`, keeping its
+/// rows; running it again changes nothing.
+#[tokio::test]
+async fn create_table_widens_a_table_made_before_refusals_were_recorded() {
+    let db = common::TestDb::new().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE saga_barrier (
+            saga_id text NOT NULL, step text NOT NULL, phase text NOT NULL,
+            state text NOT NULL, output text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (saga_id, step, phase),
+            CONSTRAINT saga_barrier_phase_valid CHECK (phase IN ('action', 'compensation')),
+            CONSTRAINT saga_barrier_state_valid CHECK (state IN ('done', 'skipped')));
+         INSERT INTO saga_barrier VALUES ('old', 's', 'action', 'done', '1', now());
+         CREATE TABLE ledger (saga_id text, step text, kind text);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let barrier = Barrier::new(pool.clone());
+    barrier.create_table().await.unwrap();
+    barrier.create_table().await.unwrap();
+    let saga = uuid::Uuid::new_v4();
+    let refused = barrier
+        .action(&ctx(saga, "pay", Phase::Action), books_then_refuses)
+        .await;
+    assert!(matches!(refused, Err(StepError::Refused(_))), "{refused:?}");
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM saga_barrier ORDER BY saga_id = 'old' DESC")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(states, ["done", "refused"]);
+}

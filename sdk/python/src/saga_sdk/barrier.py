@@ -10,18 +10,25 @@ services in both languages can share one database:
 - a compensation whose action never ran succeeds as a no-op and is recorded
   (*null compensation*);
 - an action that arrives after its compensation is refused as a business
-  failure (:class:`~saga_sdk.Refused`): no *hanging* reservation.
+  failure (:class:`~saga_sdk.Refused`): no *hanging* reservation;
+- a refusal (``Refused`` raised by ``fn``) undoes ``fn``'s work but is
+  recorded: every later attempt of the step gets the same refusal without
+  running ``fn``, and its compensation is a no-op.
 
 ::
 
-  action:        insert action row 'done' --inserted--> run fn(conn), store output, commit
+  action:        insert action row 'done' --inserted--> savepoint, run fn(conn):
+                        |                                 ok: store output, commit
+                        |                                 Refused: undo to the savepoint,
+                        |                                   row 'refused' + reason, commit
                         | conflict (waits for a racing twin to finish)
                         +- 'done'    -> return the stored output (no second effect)
+                        +- 'refused' -> the same refusal
                         +- 'skipped' -> Refused: compensated before it arrived
   compensation:  insert compensation row --conflict--> duplicate: done, no effect
                         | inserted
                  insert action row 'skipped' --inserted--> null compensation: commit
-                        | conflict: the action ran
+                        | conflict: the action ran, or refused (then: null compensation)
                         +-> run fn(conn), commit
 
 Each call opens its own connection (``conninfo``) and runs the handler's
@@ -51,7 +58,7 @@ _MARK = """INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES (%s, %s
            ON CONFLICT DO NOTHING"""
 _READ = """SELECT state, output FROM saga_barrier
            WHERE saga_id = %s AND step = %s AND phase = 'action'"""
-_STORE = """UPDATE saga_barrier SET output = %s
+_STORE = """UPDATE saga_barrier SET state = %s, output = %s
             WHERE saga_id = %s AND step = %s AND phase = 'action'"""
 
 
@@ -66,7 +73,15 @@ def _replay(ctx: StepContext, state: str, output: str | None) -> Any:
         raise Refused(
             f"step {ctx.step!r} of saga {ctx.saga_id} was compensated before its action arrived"
         )
+    if state == "refused":
+        raise Refused(output if output is not None else "refused")
     return json.loads(output) if output is not None else None
+
+
+def _null(state: str | None) -> bool:
+    """Whether a compensation that found this action record has nothing to
+    undo (the action refused)."""
+    return state == "refused"
 
 
 _PURGE = (
@@ -117,9 +132,17 @@ class Barrier:
                 if row is None:
                     raise Unknown("barrier record vanished")
                 return _replay(ctx, row[0], row[1])
-            value = fn(conn)
-            conn.execute(_STORE, (to_json(value), saga, ctx.step))
-            return value
+            try:
+                # A savepoint: a refusal undoes fn's work, keeps the record.
+                with conn.transaction():
+                    value = fn(conn)
+            except Refused as e:
+                conn.execute(_STORE, ("refused", str(e), saga, ctx.step))
+                refused = e
+            else:
+                conn.execute(_STORE, ("done", to_json(value), saga, ctx.step))
+                return value
+        raise refused
 
     def compensation(self, ctx: StepContext, fn: Callable[[psycopg.Connection[Any]], None]) -> None:
         """Runs a compensation's database work ``fn`` at most once per saga
@@ -134,6 +157,9 @@ class Barrier:
             # Waits while a racing action holds its row, then either sees it
             # (the action ran: compensate it) or plants 'skipped'.
             null = conn.execute(_MARK, (saga, ctx.step, "action", "skipped")).rowcount == 1
+            if not null:
+                row = conn.execute(_READ, (saga, ctx.step)).fetchone()
+                null = _null(row[0] if row else None)
             if not null:
                 fn(conn)
 
@@ -178,9 +204,16 @@ class AsyncBarrier:
                 if row is None:
                     raise Unknown("barrier record vanished")
                 return _replay(ctx, row[0], row[1])
-            value = await fn(conn)
-            await conn.execute(_STORE, (to_json(value), saga, ctx.step))
-            return value
+            try:
+                async with conn.transaction():
+                    value = await fn(conn)
+            except Refused as e:
+                await conn.execute(_STORE, ("refused", str(e), saga, ctx.step))
+                refused = e
+            else:
+                await conn.execute(_STORE, ("done", to_json(value), saga, ctx.step))
+                return value
+        raise refused
 
     async def compensation(
         self, ctx: StepContext, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
@@ -193,5 +226,9 @@ class AsyncBarrier:
             if cur.rowcount != 1:
                 return
             cur = await conn.execute(_MARK, (saga, ctx.step, "action", "skipped"))
-            if cur.rowcount != 1:
+            null = cur.rowcount == 1
+            if not null:
+                row = await (await conn.execute(_READ, (saga, ctx.step))).fetchone()
+                null = _null(row[0] if row else None)
+            if not null:
                 await fn(conn)
