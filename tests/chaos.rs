@@ -201,13 +201,19 @@ fn bank_b(b: Barrier, f: Arc<Faults>) -> Participant {
             let (b, f) = (b.clone(), f.clone());
             async move {
                 f.before(&ctx).await?;
-                if t.frozen {
-                    return Err(StepError::refuse("account frozen"));
-                }
                 {
+                    // Refused inside the barrier: recorded, so every
+                    // attempt of this credit gets the same answer.
                     let e = entry(&ctx);
-                    b.action(&ctx, move |c| Box::pin(ledger(c, e, t.to, t.amount)))
-                        .await?;
+                    b.action(&ctx, move |c| {
+                        Box::pin(async move {
+                            if t.frozen {
+                                return Err(StepError::refuse("account frozen"));
+                            }
+                            ledger(c, e, t.to, t.amount).await
+                        })
+                    })
+                    .await?;
                 }
                 f.after()
             }
