@@ -219,10 +219,12 @@ struct World {
     /// The barrier's record of a compensation per step: a later action of
     /// that step is refused (no hanging).
     barrier: Vec<bool>,
-    /// The barrier's success or refusal per idempotent (step, phase): a
-    /// duplicate gets it back with no second effect (the SDK's barrier
-    /// records a refusal too, undoing the handler's work).
-    first: HashMap<(usize, Phase), CallResult>,
+    /// The barrier's success or refusal per idempotent (step, phase), with
+    /// the attempt that got it: a duplicate gets it back with no second
+    /// effect (the SDK's barrier records a refusal too, undoing the
+    /// handler's work; a later attempt than the refusing one, an operator's
+    /// retry, runs again).
+    first: HashMap<(usize, Phase), (CallResult, u32)>,
     compensation_began: bool,
 }
 
@@ -231,15 +233,16 @@ impl World {
     /// otherwise the drawn answer, and its effect where it has one.
     fn receive(
         &mut self,
-        step: usize,
-        phase: Phase,
+        (step, phase, attempt): (usize, Phase, u32),
         idempotent: bool,
         drawn: CallResult,
         unknown_applies: bool,
     ) -> Result<CallResult, String> {
         if idempotent {
-            if let Some(first) = self.first.get(&(step, phase)) {
-                return Ok(first.clone());
+            match self.first.get(&(step, phase)) {
+                Some((CallResult::Failed(_), refused_at)) if attempt > *refused_at => {}
+                Some((first, _)) => return Ok(first.clone()),
+                None => {}
             }
         }
         let applied_before = self.effects.get(&(step, phase)).copied().unwrap_or(0) > 0;
@@ -252,7 +255,7 @@ impl World {
             other => other,
         };
         if idempotent && matches!(result, CallResult::Succeeded(_) | CallResult::Failed(_)) {
-            self.first.insert((step, phase), result.clone());
+            self.first.insert((step, phase), (result.clone(), attempt));
         }
         let applies = match result {
             CallResult::Succeeded(_) => true,
@@ -582,6 +585,7 @@ impl Sim {
         let Action::Call {
             step,
             phase,
+            attempt,
             deadline,
             arrive_by,
             ..
@@ -624,7 +628,7 @@ impl Sim {
                     lease.epoch
                 ));
             }
-            self.participant(i, step, phase, current)?
+            self.participant(i, (step, phase, attempt), current)?
         };
         slot.call = Some(InFlight {
             result,
@@ -657,8 +661,7 @@ impl Sim {
     fn participant(
         &mut self,
         i: usize,
-        step: usize,
-        phase: Phase,
+        (step, phase, attempt): (usize, Phase, u32),
         current: bool,
     ) -> Result<CallResult, String> {
         let idempotent = self.def.steps[step].idempotent || phase == Phase::Compensation;
@@ -686,7 +689,7 @@ impl Sim {
             }
         }
         let result = w
-            .receive(step, phase, idempotent, drawn, unknown_applies)
+            .receive((step, phase, attempt), idempotent, drawn, unknown_applies)
             .map_err(|e| format!("saga {i}: {e}"))?;
         if self.trace {
             eprintln!("  participant: saga {i} step {step} {phase} → {result:?}");

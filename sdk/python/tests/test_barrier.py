@@ -96,7 +96,7 @@ def test_duplicates_null_compensation_and_no_hanging(db: str) -> None:
     assert [e for e in effects(db) if e[0] == str(third)] == []
 
 
-def test_a_refusal_is_recorded_for_every_later_attempt_and_compensates_nothing(db: str) -> None:
+def test_a_refusal_is_recorded_for_late_attempts_and_compensates_nothing(db: str) -> None:
     b = Barrier(db)
     saga = uuid.uuid4()
 
@@ -105,18 +105,41 @@ def test_a_refusal_is_recorded_for_every_later_attempt_and_compensates_nothing(d
         raise Refused("insufficient funds")
 
     with pytest.raises(Refused, match="insufficient funds"):
-        b.action(ctx(saga, Phase.ACTION), refuses)
+        b.action(ctx(saga, Phase.ACTION, attempt=2), refuses)
     assert effects(db) == [], "the refused work is undone"
-    # A later attempt (one that hung before the barrier, say) gets the same
-    # refusal without running.
+    # An earlier attempt arriving late (it hung before the barrier) gets the
+    # same refusal without running.
     with pytest.raises(Refused, match="insufficient funds"):
-        b.action(ctx(saga, Phase.ACTION, attempt=2), lambda conn: "booked")
+        b.action(ctx(saga, Phase.ACTION, attempt=1), lambda conn: "booked")
 
     def cancel(conn: psycopg.Connection[Any]) -> None:
         conn.execute("INSERT INTO effects VALUES (%s, 'cancelled')", (str(saga),))
 
     b.compensation(ctx(saga, Phase.COMPENSATION), cancel)
     assert effects(db) == [], "nothing to undo"
+    # Compensated: not even a later attempt runs it now.
+    with pytest.raises(Refused):
+        b.action(ctx(saga, Phase.ACTION, attempt=3), lambda conn: "booked")
+
+
+def test_a_later_attempt_than_the_refusing_one_runs_again(db: str) -> None:
+    b = Barrier(db)
+    saga = uuid.uuid4()
+
+    def refuses(conn: psycopg.Connection[Any]) -> str:
+        raise Refused("account frozen")
+
+    def books(conn: psycopg.Connection[Any]) -> str:
+        conn.execute("INSERT INTO effects VALUES (%s, 'booked')", (str(saga),))
+        return "R-7"
+
+    with pytest.raises(Refused):
+        b.action(ctx(saga, Phase.ACTION), refuses)
+    # An operator's retry after the account was unfrozen: attempt 2 runs.
+    assert b.action(ctx(saga, Phase.ACTION, attempt=2), books) == "R-7"
+    # A late arrival of attempt 1 gets the stored result, no second effect.
+    assert b.action(ctx(saga, Phase.ACTION), books) == "R-7"
+    assert effects(db) == [(str(saga), "booked")]
 
 
 async def test_async_refusal_is_recorded(db: str) -> None:
@@ -135,10 +158,13 @@ async def test_async_refusal_is_recorded(db: str) -> None:
         await conn.execute("INSERT INTO effects VALUES (%s, 'cancelled')", (str(saga),))
 
     with pytest.raises(Refused, match="card declined"):
-        await b.action(ctx(saga, Phase.ACTION), refuses)
+        await b.action(ctx(saga, Phase.ACTION, attempt=2), refuses)
     with pytest.raises(Refused, match="card declined"):
-        await b.action(ctx(saga, Phase.ACTION, attempt=2), books)
+        await b.action(ctx(saga, Phase.ACTION, attempt=1), books)
     await b.compensation(ctx(saga, Phase.COMPENSATION), cancel)
+    assert effects(db) == []
+    with pytest.raises(Refused):
+        await b.action(ctx(saga, Phase.ACTION, attempt=3), books)
     assert effects(db) == []
 
 

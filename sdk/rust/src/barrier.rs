@@ -13,9 +13,11 @@
 //! - an action that arrives after its compensation is refused as a business
 //!   failure (no *hanging* reservation that nobody will ever release);
 //! - a refusal (`StepError::Refused` from `f`) undoes `f`'s work but is
-//!   recorded: every later attempt of the step gets the same refusal
-//!   without running `f` (one that hung before reaching the barrier cannot
-//!   decide differently), and its compensation is a no-op.
+//!   recorded with the attempt that refused: an attempt up to that one
+//!   arriving later gets the same refusal without running `f` (one that
+//!   hung before reaching the barrier cannot decide differently); a later
+//!   attempt (an operator's retry after fixing the cause) runs `f` again;
+//!   a compensation finds nothing to undo and marks the action 'skipped'.
 //!
 //! ```text
 //!  action:        insert action row 'done' ──inserted──▶ savepoint, run f(tx):
@@ -24,12 +26,12 @@
 //!                        │                                   row 'refused' + reason, commit
 //!                        │ conflict (waits for a racing twin to finish)
 //!                        ├─ 'done'    ─▶ return the stored output (no second effect)
-//!                        ├─ 'refused' ─▶ the same refusal
+//!                        ├─ 'refused' ─▶ the same refusal (a later attempt: run f again)
 //!                        └─ 'skipped' ─▶ refused: compensated before it arrived
 //!  compensation:  insert compensation row ──conflict──▶ duplicate: done, no effect
 //!                        │ inserted
 //!                 insert action row 'skipped' ──inserted──▶ null compensation: commit
-//!                        │ conflict: the action ran, or refused (then: null compensation)
+//!                        │ conflict: the action ran, or refused (then: 'skipped', null compensation)
 //!                        └─▶ run f(tx), commit
 //! ```
 //!
@@ -81,19 +83,48 @@ async fn mark(
     Ok(inserted == 1)
 }
 
-/// The state of a step's action record (which exists).
-async fn action_state(
-    tx: &mut PgConnection,
-    saga: &str,
-    step: &str,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT state FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action'",
+/// Turns a refused action's record into 'skipped' (its compensation came:
+/// no attempt may run it now, not even an operator's retry); whether it
+/// was refused.
+async fn skip_refused(tx: &mut PgConnection, saga: &str, step: &str) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE saga_barrier SET state = 'skipped'
+         WHERE saga_id = $1 AND step = $2 AND phase = 'action' AND state = 'refused'",
     )
     .bind(saga)
     .bind(step)
-    .fetch_one(tx)
-    .await
+    .execute(tx)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// A recorded refusal (the action row's output): why, and which attempt
+/// refused. Attempts up to that one (late arrivals) get it again; a later
+/// attempt, an operator's retry, runs the handler again.
+struct Refusal {
+    reason: String,
+    attempt: u32,
+}
+
+impl Refusal {
+    fn text(&self) -> String {
+        serde_json::json!({ "reason": self.reason, "attempt": self.attempt }).to_string()
+    }
+
+    /// Reads a record; anything else is a refusal binding every attempt.
+    fn parse(output: Option<&str>) -> Refusal {
+        let v: serde_json::Value = output
+            .and_then(|o| serde_json::from_str(o).ok())
+            .unwrap_or_default();
+        Refusal {
+            reason: v["reason"].as_str().unwrap_or("refused").to_owned(),
+            attempt: v["attempt"]
+                .as_u64()
+                .and_then(|a| u32::try_from(a).ok())
+                .unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// What a duplicate action answers: the first attempt's result, its
@@ -109,9 +140,7 @@ fn replay<T: DeserializeOwned>(
             "step {:?} of saga {saga} was compensated before its action arrived",
             ctx.step
         ))),
-        "refused" => Err(StepError::Refused(
-            output.unwrap_or_else(|| "refused".into()),
-        )),
+        "refused" => Err(StepError::Refused(Refusal::parse(output.as_deref()).reason)),
         _ => {
             let output = output.unwrap_or_else(|| "null".into());
             serde_json::from_str(&output).map_err(|e| {
@@ -175,7 +204,8 @@ impl Barrier {
     ///
     /// `f` receives the transaction's connection; what it returns is stored
     /// and returned again to duplicates. A refusal from `f` undoes its work
-    /// and is recorded, returned again to every later attempt; any other
+    /// and is recorded, returned again to attempts up to the one that
+    /// refused (a later one, an operator's retry, runs `f` again); any other
     /// [`StepError`] from `f` rolls everything back.
     pub async fn action<T, F>(&self, ctx: &StepContext, f: F) -> Result<T, StepError>
     where
@@ -191,15 +221,21 @@ impl Barrier {
         let mut tx = self.pool.begin().await?;
         let inserted = mark(&mut tx, &saga, &ctx.step, "action", "done").await?;
         if !inserted {
-            let row = sqlx::query("SELECT state, output FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action'")
+            let row = sqlx::query("SELECT state, output FROM saga_barrier WHERE saga_id = $1 AND step = $2 AND phase = 'action' FOR UPDATE")
                 .bind(&saga)
                 .bind(&ctx.step)
                 .fetch_one(&mut *tx)
                 .await?;
             let state: String = row.try_get("state")?;
             let output: Option<String> = row.try_get("output")?;
-            tx.rollback().await?;
-            return replay(ctx, &saga, &state, output);
+            // A later attempt than the one that refused comes only from an
+            // operator's retry: the handler decides again.
+            let retried =
+                state == "refused" && ctx.attempt > Refusal::parse(output.as_deref()).attempt;
+            if !retried {
+                tx.rollback().await?;
+                return replay(ctx, &saga, &state, output);
+            }
         }
         // A savepoint: a refusal undoes the handler's work but keeps the
         // record, so every later attempt of this step gets the same answer.
@@ -216,7 +252,11 @@ impl Barrier {
                 sqlx::query("ROLLBACK TO SAVEPOINT saga_barrier_work")
                     .execute(&mut *tx)
                     .await?;
-                ("refused", why.clone(), Err(StepError::Refused(why)))
+                let record = Refusal {
+                    reason: why.clone(),
+                    attempt: ctx.attempt,
+                };
+                ("refused", record.text(), Err(StepError::Refused(why)))
             }
             Err(e) => return Err(e),
         };
@@ -254,7 +294,7 @@ impl Barrier {
         // (the action ran: compensate it, unless it refused) or plants
         // 'skipped' (it never will).
         let null = mark(&mut tx, &saga, &ctx.step, "action", "skipped").await?
-            || action_state(&mut tx, &saga, &ctx.step).await? == "refused";
+            || skip_refused(&mut tx, &saga, &ctx.step).await?;
         if !null {
             f(&mut tx).await?;
         } else {

@@ -307,15 +307,18 @@ fn books_then_refuses(
     .boxed()
 }
 
-/// A refusal undoes the handler's work and is recorded: a later attempt
-/// (say one that hung before it reached the barrier) gets the same refusal
-/// without running, and the compensation has nothing to undo.
+/// A refusal undoes the handler's work and is recorded: an earlier attempt
+/// arriving late (one that hung before it reached the barrier) gets the
+/// same refusal without running, and the compensation has nothing to undo.
 #[tokio::test]
-async fn a_refusal_is_recorded_so_every_attempt_gets_it_and_its_compensation_is_a_no_op() {
+async fn a_refusal_is_recorded_so_late_attempts_get_it_and_its_compensation_is_a_no_op() {
     let (_db, pool, barrier) = setup().await;
     let saga = uuid::Uuid::new_v4();
-    let c = ctx(saga, "pay", Phase::Action);
-    let first = barrier.action(&c, books_then_refuses).await;
+    let second = StepContext {
+        attempt: 2,
+        ..ctx(saga, "pay", Phase::Action)
+    };
+    let first = barrier.action(&second, books_then_refuses).await;
     assert!(
         matches!(&first, Err(StepError::Refused(m)) if m == "insufficient funds"),
         "{first:?}"
@@ -325,7 +328,8 @@ async fn a_refusal_is_recorded_so_every_attempt_gets_it_and_its_compensation_is_
         0,
         "the refused work is undone"
     );
-    let again = book(&c, &barrier, 7).await;
+    // Attempt 1, which hung before the barrier, arrives now.
+    let again = book(&ctx(saga, "pay", Phase::Action), &barrier, 7).await;
     assert!(
         matches!(&again, Err(StepError::Refused(m)) if m == "insufficient funds"),
         "{again:?}"
@@ -333,12 +337,44 @@ async fn a_refusal_is_recorded_so_every_attempt_gets_it_and_its_compensation_is_
     assert_eq!(
         ledger(&pool, "booked").await,
         0,
-        "a later attempt does not run"
+        "the late attempt does not run"
     );
     cancel(&ctx(saga, "pay", Phase::Compensation), &barrier)
         .await
         .unwrap();
     assert_eq!(ledger(&pool, "cancelled").await, 0, "nothing to undo");
+    // Compensated: not even a later attempt runs it now.
+    let retried = StepContext {
+        attempt: 3,
+        ..ctx(saga, "pay", Phase::Action)
+    };
+    let late = book(&retried, &barrier, 7).await;
+    assert!(matches!(late, Err(StepError::Refused(_))), "{late:?}");
+    assert_eq!(ledger(&pool, "booked").await, 0, "no hanging booking");
+}
+
+/// An operator's retry after a refusal (a later attempt than the one that
+/// refused) runs the handler again; its success is then what every
+/// duplicate gets, late arrivals of the refused attempt included.
+#[tokio::test]
+async fn a_later_attempt_than_the_refusing_one_runs_again() {
+    let (_db, pool, barrier) = setup().await;
+    let saga = uuid::Uuid::new_v4();
+    let first = ctx(saga, "pay", Phase::Action);
+    let refused = barrier.action(&first, books_then_refuses).await;
+    assert!(matches!(refused, Err(StepError::Refused(_))), "{refused:?}");
+    let retried = StepContext {
+        attempt: 2,
+        ..ctx(saga, "pay", Phase::Action)
+    };
+    assert_eq!(book(&retried, &barrier, 7).await.unwrap(), 7);
+    assert_eq!(ledger(&pool, "booked").await, 1);
+    assert_eq!(
+        book(&first, &barrier, 8).await.unwrap(),
+        7,
+        "the stored result"
+    );
+    assert_eq!(ledger(&pool, "booked").await, 1, "no second effect");
 }
 
 /// A barrier table made before refusals were recorded (its check allowed

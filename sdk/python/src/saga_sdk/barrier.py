@@ -12,8 +12,10 @@ services in both languages can share one database:
 - an action that arrives after its compensation is refused as a business
   failure (:class:`~saga_sdk.Refused`): no *hanging* reservation;
 - a refusal (``Refused`` raised by ``fn``) undoes ``fn``'s work but is
-  recorded: every later attempt of the step gets the same refusal without
-  running ``fn``, and its compensation is a no-op.
+  recorded with the attempt that refused: an attempt up to that one
+  arriving later gets the same refusal without running ``fn``; a later
+  attempt (an operator's retry) runs ``fn`` again; a compensation finds
+  nothing to undo and marks the action 'skipped'.
 
 ::
 
@@ -23,12 +25,12 @@ services in both languages can share one database:
                         |                                   row 'refused' + reason, commit
                         | conflict (waits for a racing twin to finish)
                         +- 'done'    -> return the stored output (no second effect)
-                        +- 'refused' -> the same refusal
+                        +- 'refused' -> the same refusal (a later attempt: run fn again)
                         +- 'skipped' -> Refused: compensated before it arrived
   compensation:  insert compensation row --conflict--> duplicate: done, no effect
                         | inserted
                  insert action row 'skipped' --inserted--> null compensation: commit
-                        | conflict: the action ran, or refused (then: null compensation)
+                        | conflict: the action ran, or refused (then: 'skipped', null compensation)
                         +-> run fn(conn), commit
 
 Each call opens its own connection (``conninfo``) and runs the handler's
@@ -57,7 +59,9 @@ MIGRATION: str = (resources.files("saga_sdk") / "migrations" / "0001_saga_barrie
 _MARK = """INSERT INTO saga_barrier (saga_id, step, phase, state) VALUES (%s, %s, %s, %s)
            ON CONFLICT DO NOTHING"""
 _READ = """SELECT state, output FROM saga_barrier
-           WHERE saga_id = %s AND step = %s AND phase = 'action'"""
+           WHERE saga_id = %s AND step = %s AND phase = 'action' FOR UPDATE"""
+_SKIP_REFUSED = """UPDATE saga_barrier SET state = 'skipped'
+                   WHERE saga_id = %s AND step = %s AND phase = 'action' AND state = 'refused'"""
 _STORE = """UPDATE saga_barrier SET state = %s, output = %s
             WHERE saga_id = %s AND step = %s AND phase = 'action'"""
 
@@ -74,14 +78,34 @@ def _replay(ctx: StepContext, state: str, output: str | None) -> Any:
             f"step {ctx.step!r} of saga {ctx.saga_id} was compensated before its action arrived"
         )
     if state == "refused":
-        raise Refused(output if output is not None else "refused")
+        raise Refused(_refusal(output)[0])
     return json.loads(output) if output is not None else None
 
 
-def _null(state: str | None) -> bool:
-    """Whether a compensation that found this action record has nothing to
-    undo (the action refused)."""
-    return state == "refused"
+def _refusal(output: str | None) -> tuple[str, int]:
+    """A recorded refusal: why, and the attempt that refused (anything else
+    binds every attempt)."""
+    try:
+        v = json.loads(output) if output is not None else {}
+    except ValueError:
+        v = {}
+    if not isinstance(v, dict):
+        v = {}
+    reason, attempt = v.get("reason"), v.get("attempt")
+    return (
+        reason if isinstance(reason, str) else "refused",
+        attempt if isinstance(attempt, int) else 2**32,
+    )
+
+
+def _retried(ctx: StepContext, state: str, output: str | None) -> bool:
+    """A later attempt than the one that refused: an operator's retry, which
+    runs the handler again."""
+    return state == "refused" and ctx.attempt > _refusal(output)[1]
+
+
+def _refusal_record(ctx: StepContext, e: Refused) -> str:
+    return json.dumps({"reason": str(e), "attempt": ctx.attempt})
 
 
 _PURGE = (
@@ -131,13 +155,14 @@ class Barrier:
                 row = conn.execute(_READ, (saga, ctx.step)).fetchone()
                 if row is None:
                     raise Unknown("barrier record vanished")
-                return _replay(ctx, row[0], row[1])
+                if not _retried(ctx, row[0], row[1]):
+                    return _replay(ctx, row[0], row[1])
             try:
                 # A savepoint: a refusal undoes fn's work, keeps the record.
                 with conn.transaction():
                     value = fn(conn)
             except Refused as e:
-                conn.execute(_STORE, ("refused", str(e), saga, ctx.step))
+                conn.execute(_STORE, ("refused", _refusal_record(ctx, e), saga, ctx.step))
                 refused = e
             else:
                 conn.execute(_STORE, ("done", to_json(value), saga, ctx.step))
@@ -158,8 +183,8 @@ class Barrier:
             # (the action ran: compensate it) or plants 'skipped'.
             null = conn.execute(_MARK, (saga, ctx.step, "action", "skipped")).rowcount == 1
             if not null:
-                row = conn.execute(_READ, (saga, ctx.step)).fetchone()
-                null = _null(row[0] if row else None)
+                # A refused action: nothing to undo; no attempt may run it now.
+                null = conn.execute(_SKIP_REFUSED, (saga, ctx.step)).rowcount == 1
             if not null:
                 fn(conn)
 
@@ -203,12 +228,13 @@ class AsyncBarrier:
                 row = await (await conn.execute(_READ, (saga, ctx.step))).fetchone()
                 if row is None:
                     raise Unknown("barrier record vanished")
-                return _replay(ctx, row[0], row[1])
+                if not _retried(ctx, row[0], row[1]):
+                    return _replay(ctx, row[0], row[1])
             try:
                 async with conn.transaction():
                     value = await fn(conn)
             except Refused as e:
-                await conn.execute(_STORE, ("refused", str(e), saga, ctx.step))
+                await conn.execute(_STORE, ("refused", _refusal_record(ctx, e), saga, ctx.step))
                 refused = e
             else:
                 await conn.execute(_STORE, ("done", to_json(value), saga, ctx.step))
@@ -228,7 +254,6 @@ class AsyncBarrier:
             cur = await conn.execute(_MARK, (saga, ctx.step, "action", "skipped"))
             null = cur.rowcount == 1
             if not null:
-                row = await (await conn.execute(_READ, (saga, ctx.step))).fetchone()
-                null = _null(row[0] if row else None)
+                null = (await conn.execute(_SKIP_REFUSED, (saga, ctx.step))).rowcount == 1
             if not null:
                 await fn(conn)
